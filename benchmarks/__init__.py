@@ -1,0 +1,1 @@
+"""Throughput benchmarks of each dino_fast piece against the reference algorithm."""

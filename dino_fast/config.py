@@ -1,0 +1,285 @@
+"""One config tree for a DINO run: code holds the defaults, YAML recipes hold overrides only.
+
+Layers, last wins: the dataclass defaults below → a YAML recipe (``--config``) → dotted ``key=value`` overrides
+from the command line. Every value is type-checked against the field's annotation; an unknown key or a value of
+the wrong type is a :class:`ConfigError` that names the key. The resolved tree is written into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value a user wrote is wrong; the message says which and what is expected."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small_patch16_224"  # any timm ViT: vit_tiny_/vit_small_/vit_base_patch16_224, ...
+    patch_size: int = 0  # 0: the arch's own; e.g. 8 for small demo images
+    depth: int = 0  # 0: the arch's own number of blocks
+    drop_path_rate: float = 0.1  # student only; the teacher has none
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # image folder (class sub-folders or flat), or "demo" for the embedded demo dataset
+    backend: str = "torch"  # torch | dali | ffcv
+    batch_size_per_gpu: int = 64
+    num_workers: int = 10
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    local_crops_number: int = 8
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    demo_image_size: int = 64  # side of the generated demo images
+    demo_images_per_class: int = 300
+    ffcv_path: str = ""  # .beton written by dino-fast-convert (data.backend=ffcv)
+    file_list: str = ""  # file list written by dino-fast-convert (data.backend=dali; optional)
+
+
+@dataclass
+class DinoConfig:
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    loss_impl: str = "auto"  # auto | eager | triton   (env DINO_FAST_LOSS overrides)
+    ema_impl: str = "auto"  # auto | foreach | triton  (env DINO_FAST_EMA overrides)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    lr: float = 0.0005  # peak lr for a global batch of 256; scaled linearly by global batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter clipping threshold; 0 disables
+    freeze_last_layer: int = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs); schedules keep `epochs`
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # 0, 1 or 2 (3 is refused: the teacher EMA needs whole student parameters)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    steps_per_print: int = 1_000_000  # DeepSpeed's own logging; our progress display covers it
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "runs/dino"
+    every_steps: int = 1000  # also at every epoch end; 0: epoch ends only
+    keep_last: int = 3
+    resume: str = "auto"  # auto: newest checkpoint in output_dir if any | none | a checkpoint folder
+
+
+@dataclass
+class LoggingConfig:
+    progress: str = "auto"  # auto (rich live bar on a TTY, plain lines otherwise) | rich | plain | none
+    print_every: int = 10  # plain-line interval in steps
+    metrics_file: str = "metrics.jsonl"
+
+
+@dataclass
+class EvalConfig:
+    knn_every_epochs: int = 0  # periodic k-NN on the held-out split; 0: off
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_subset: int = 0  # 0: all
+    knn_val_subset: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.backend": ("torch", "dali", "ffcv"),
+    "dino.loss_impl": ("auto", "eager", "triton"),
+    "dino.ema_impl": ("auto", "foreach", "triton"),
+    "deepspeed.precision": ("auto", "bf16", "fp32"),
+    "logging.progress": ("auto", "rich", "plain", "none"),
+}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp`` (converting only lossless cases such as int → float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {tp}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. data.path=2024 parsed by YAML as a number
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp}")  # pragma: no cover - programming error
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"unknown config key '{key}' ('{'.'.join(parts[:i])}' is a value, not a section)")
+        hints = typing.get_type_hints(type(node))
+        if part not in hints:
+            known = ", ".join(sorted(hints))
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown config key '{key}': '{part}' is not in {where} (known: {known})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise ConfigError(f"config key '{key}' is a section; set its keys, e.g. '{key}.<name>=...'")
+            coerced = _coerce(key, value, hints[part])
+            if key in CHOICES and coerced not in CHOICES[key]:
+                raise ConfigError(f"config key '{key}': {coerced!r} is not one of {', '.join(CHOICES[key])}")
+            setattr(node, part, coerced)
+        else:
+            node = getattr(node, part)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=1e-3'`` → ``('optim.lr', 0.001)``; the value is read as YAML (numbers, true/false, [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. optim.lr=0.001)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot read the value ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML recipe at ``path`` ← dotted overrides. Raises ConfigError naming any bad key or value."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist (recipes are in dino_fast/configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(tree).__name__}")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single annotation cannot express."""
+    checks = [
+        (cfg.data.batch_size_per_gpu >= 1, "data.batch_size_per_gpu must be ≥ 1"),
+        (cfg.data.local_crops_number >= 0, "data.local_crops_number must be ≥ 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be ≥ 0"),
+        (cfg.optim.epochs >= 1, "optim.epochs must be ≥ 1"),
+        (0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs, "optim.warmup_epochs must be in [0, optim.epochs]"),
+        (cfg.dino.warmup_teacher_temp_epochs <= cfg.optim.epochs,
+         "dino.warmup_teacher_temp_epochs must be ≤ optim.epochs"),
+        (cfg.deepspeed.zero_stage in (0, 1, 2),
+         "deepspeed.zero_stage must be 0, 1 or 2 (ZeRO-3 shards the student, which the teacher EMA reads whole)"),
+        (cfg.model.out_dim >= 2, "model.out_dim must be ≥ 2"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1"),
+        (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
+         "crop scales must lie in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    def convert(obj: Any) -> Any:
+        if isinstance(obj, tuple):
+            return list(obj)
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        return obj
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value)
+    return cfg

@@ -1,0 +1,86 @@
+"""The DINO loss module: owns the center buffer and the per-epoch teacher temperature schedule."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dino_fast.ops import dino_loss as ops
+from dino_fast.schedules import teacher_temp_schedule
+
+
+def select_loss_impl(requested: str = "auto", device: torch.device | str = "cpu") -> str:
+    """Pick the loss implementation: env ``DINO_FAST_LOSS`` > ``requested`` > auto (Triton on CUDA, else eager)."""
+    choice = os.environ.get("DINO_FAST_LOSS", requested) or "auto"
+    if choice == "auto":
+        choice = "triton" if torch.device(device).type == "cuda" and "triton" in ops.IMPLEMENTATIONS else "eager"
+    if choice not in ops.IMPLEMENTATIONS:
+        raise ValueError(f"loss implementation '{choice}' is not available (have: {', '.join(ops.IMPLEMENTATIONS)})")
+    return choice
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centered, sharpened teacher softmax and the student, over all crop pairs.
+
+    Numerically equal to the reference's 2·(ncrops−1)-pair loop (DINO_SPEC "Loss"); the center is updated after
+    the loss (the loss uses the old center) with the teacher logits' mean over all rows of all ranks.
+
+    Args:
+        out_dim: K, the number of prototypes.
+        ncrops: 2 global + N local crops.
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs: per-epoch τt schedule.
+        student_temp: τs.
+        center_momentum: EMA factor of the center.
+        impl: "auto" | "eager" | "triton" (see :func:`select_loss_impl`).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        nepochs: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
+        )
+        self.requested_impl = impl
+        self.impl = select_loss_impl(impl, "cpu")
+
+    def _apply(self, fn, *args, **kwargs):
+        # Re-pick the implementation when the module (its center) moves to another device.
+        out = super()._apply(fn, *args, **kwargs)
+        self.impl = select_loss_impl(self.requested_impl, self.center.device)
+        return out
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Shapes: student_output [ncrops·B, K], teacher_output [2·B, K]; returns a scalar fp32 loss."""
+        temp = float(self.teacher_temp_schedule[epoch])
+        fn = ops.IMPLEMENTATIONS[self.impl]
+        loss, colsum = fn(student_output, teacher_output, self.center, temp, self.student_temp, self.ncrops)
+        self.update_center(colsum, teacher_output.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_colsum: torch.Tensor, rows: int) -> None:
+        """center ← m·center + (1−m)·(Σ over all ranks' teacher rows) / (rows per rank × world size)."""
+        batch_center = teacher_colsum.float().clone()
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            world = dist.get_world_size()
+        batch_center = batch_center / (rows * world)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

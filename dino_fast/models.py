@@ -1,0 +1,113 @@
+"""Student/teacher networks: a timm ViT backbone, the DINO projection head, and the multi-crop wrapper."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class DINOHead(nn.Module):
+    """MLP → L2-normalise → weight-normalised linear layer to K prototypes (Caron et al., 2021, DINO_SPEC "Head").
+
+    MLP weights are truncated-normal (std 0.02) with zero biases; the last layer keeps PyTorch's default Linear
+    init for its direction and a gain of 1, frozen when ``norm_last_layer`` (logits are then cosine similarities).
+
+    Shape: [N, in_dim] → [N, out_dim].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        norm_last_layer: bool = True,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+    ):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Built after the MLP init on purpose: the last layer keeps the default Linear init.
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        gain.data.fill_(1.0)
+        gain.requires_grad = not norm_last_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = nn.functional.normalize(x, dim=-1, p=2, eps=1e-12)
+        return self.last_layer(x)
+
+
+def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, patch_size: int = 0, depth: int = 0):
+    """A timm ViT returning the CLS token after the final norm (``num_classes=0``), any input size that is a
+    multiple of the patch size (``dynamic_img_size``: position embeddings resampled bicubically per size)."""
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, dynamic_img_size=True,
+                  img_size=img_size, global_pool="token")
+    if patch_size:
+        kwargs["patch_size"] = patch_size
+    if depth:
+        kwargs["depth"] = depth
+    try:
+        model = timm.create_model(arch, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ValueError(f"model.arch='{arch}' is not a timm model ({exc}); try vit_small_patch16_224") from None
+    if not hasattr(model, "patch_embed") or not hasattr(model, "cls_token"):
+        raise ValueError(f"model.arch='{arch}' is not a ViT with a CLS token; DINO here needs a timm VisionTransformer")
+    return model
+
+
+class MultiCropWrapper(nn.Module):
+    """Runs consecutive crops of equal resolution as one backbone batch, then the head once on all features.
+
+    Shape: list of [B, 3, S_i, S_i] → [len(crops)·B, out_dim], rows in crop order.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        features = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(features))
+
+
+def build_student_teacher(model_cfg, img_size: int) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student (with drop-path) and teacher (none, same weights, no gradients, fp32) from a ModelConfig."""
+
+    def build(drop_path: float, norm_last_layer: bool) -> MultiCropWrapper:
+        backbone = build_backbone(model_cfg.arch, img_size, drop_path, model_cfg.patch_size, model_cfg.depth)
+        head = DINOHead(backbone.num_features, model_cfg.out_dim, norm_last_layer, model_cfg.head_nlayers,
+                        model_cfg.head_hidden_dim, model_cfg.head_bottleneck_dim)
+        return MultiCropWrapper(backbone, head)
+
+    student = build(model_cfg.drop_path_rate, model_cfg.norm_last_layer)
+    teacher = build(0.0, True)
+    teacher.load_state_dict(student.state_dict())
+    teacher.float()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher

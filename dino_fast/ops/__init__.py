@@ -1,0 +1,1 @@
+"""Fused kernels (Triton) beside their eager references; each op module holds both."""

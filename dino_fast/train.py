@@ -1,0 +1,283 @@
+"""DINO training with DeepSpeed: ``deepspeed dino_fast/train.py --config <yaml> [key=value ...]``.
+
+Also runs as a single process without a launcher (``python -m dino_fast.train ...``). Device and communication
+backend come from DeepSpeed's accelerator (CUDA + NCCL on GPUs, CPU + gloo/shared memory without one).
+
+The loop, per iteration: schedules → teacher forward (globals) → student forward (all crops) → loss → backward
+→ per-parameter clip → last-layer freeze → optimizer step → teacher EMA → log → checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from dino_fast.checkpoint import Checkpointer, TrainPosition
+from dino_fast.config import Config, ConfigError, load_config, save_config
+from dino_fast.loss import DINOLoss
+from dino_fast.models import build_student_teacher
+from dino_fast.optim import cancel_last_layer_grads, clip_gradients, param_groups
+from dino_fast.progress import MetricsLog, Progress
+from dino_fast.schedules import cosine_scheduler, momentum_schedule
+from dino_fast.teacher import TeacherEMA
+from pipelines.build import build_loader
+from pipelines.folder import DataError
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stops before the step so the last checkpoint stays good."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed with the accelerator's backend; (rank, world, local_rank).
+
+    Without a launcher the env variables of a one-process group are filled in, so the same code path runs.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+    """The DeepSpeed JSON config derived from ours. bf16 = DeepSpeed's torch autocast: parameters, gradients and
+    optimizer stay fp32 (like the reference's fp16 autocast), matmuls run in bf16. No DeepSpeed gradient clipping:
+    the reference per-parameter clipping is done by the trainer between backward and step."""
+    b = cfg.data.batch_size_per_gpu
+    ds = {
+        "train_micro_batch_size_per_gpu": b,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": b * world_size,
+        "steps_per_print": cfg.deepspeed.steps_per_print,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the last step's metrics."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world, local_rank = init_distributed()
+    acc = get_accelerator()
+    device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = resolve_precision(cfg, device)
+    out_dir = Path(cfg.checkpoint.output_dir)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    # ---- data
+    loader = build_loader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device)
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+
+    # ---- models, loss, optimizer, engine
+    student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
+    teacher.to(device).eval()
+    ncrops = 2 + cfg.data.local_crops_number
+    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
+                         cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
+                         cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
+    groups = param_groups(student)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world, precision))
+    ema = TeacherEMA(teacher, engine.module, impl=cfg.dino.ema_impl)
+
+    # ---- schedules (per iteration; lr scaled by the global batch)
+    global_batch = cfg.data.batch_size_per_gpu * world
+    lr_s = cosine_scheduler(cfg.optim.lr * global_batch / 256.0, cfg.optim.min_lr, cfg.optim.epochs, steps_per_epoch,
+                            cfg.optim.warmup_epochs)
+    wd_s = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs, steps_per_epoch)
+    mom_s = momentum_schedule(cfg.dino.momentum_teacher, cfg.optim.epochs, steps_per_epoch)
+
+    # ---- resume
+    ckpt = Checkpointer(out_dir, cfg.checkpoint.keep_last)
+    pos = TrainPosition(0, 0, 0)
+    resume_from = ckpt.resolve(cfg.checkpoint.resume)
+    if resume_from is not None:
+        pos = Checkpointer.load(resume_from, engine, teacher, dino_loss)
+
+    progress = Progress(cfg.logging.progress if rank == 0 else "none", total_steps, cfg.logging.print_every)
+    metrics = MetricsLog(out_dir / cfg.logging.metrics_file) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        progress.info(
+            f"dino_fast: {world} rank(s) on {device.type} ({acc.communication_backend_name()}), precision {precision}, "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, loss={dino_loss.impl}, ema={ema.impl}, data={cfg.data.backend}, "
+            f"{steps_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch {global_batch}, "
+            f"output {out_dir.resolve()}"
+            + (f", resumed from {resume_from}" if resume_from else "")
+        )
+
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):  # finish the current step, checkpoint, exit
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    teacher_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else (
+        contextlib.nullcontext)
+    last: dict = {}
+    images_seen, t_start = 0, time.perf_counter()
+    try:
+        while pos.global_step < total_steps and stop["signal"] is None:
+            epoch = pos.epoch
+            loader.set_epoch(epoch, pos.step_in_epoch)
+            engine.train()
+            t_prev = time.perf_counter()
+            for batch in loader:
+                t_data = time.perf_counter()
+                it = epoch * steps_per_epoch + pos.step_in_epoch
+                # ---- schedules
+                for i, group in enumerate(optimizer.param_groups):
+                    group["lr"] = lr_s[it]
+                    if i == 0:  # the regularised group only
+                        group["weight_decay"] = wd_s[it]
+                crops = [c.to(device, non_blocking=True) for c in batch.crops]
+                # ---- forward
+                with torch.no_grad(), teacher_ctx():
+                    teacher_out = teacher(crops[:2])
+                student_out = engine(crops)
+                loss = dino_loss(student_out, teacher_out, epoch)
+                entropy = _teacher_entropy(teacher_out, dino_loss, epoch)
+                loss_val, entropy_val = torch.stack([loss.detach().float(), entropy]).tolist()  # one host sync
+                if not math.isfinite(loss_val):
+                    raise NonFiniteLossError(
+                        f"loss is {loss_val} at step {pos.global_step + 1} (epoch {epoch}); stopped before the "
+                        f"update. Last good checkpoint: {ckpt.latest() or 'none'}. Lower optim.lr, raise "
+                        f"optim.warmup_epochs or check the data."
+                    )
+                # ---- backward, clip, freeze, step
+                engine.backward(loss)
+                if cfg.optim.clip_grad > 0:
+                    clip_gradients(engine.module, cfg.optim.clip_grad)
+                if epoch < cfg.optim.freeze_last_layer:
+                    cancel_last_layer_grads(engine.module)
+                engine.step()
+                # ---- teacher EMA
+                ema.update(mom_s[it])
+                # ---- log
+                pos.step_in_epoch += 1
+                pos.global_step += 1
+                if pos.step_in_epoch == steps_per_epoch:
+                    pos.epoch, pos.step_in_epoch = epoch + 1, 0
+                t_end = time.perf_counter()
+                images_seen += global_batch
+                last = {
+                    "step": pos.global_step, "epoch": epoch, "loss": loss_val, "lr": float(lr_s[it]),
+                    "wd": float(wd_s[it]), "momentum": float(mom_s[it]),
+                    "teacher_temp": float(dino_loss.teacher_temp_schedule[epoch]),
+                    "teacher_entropy": entropy_val, "img_per_s": global_batch / (t_end - t_prev),
+                    "img_per_s_avg": images_seen / (t_end - t_start), "data_wait": (t_data - t_prev) / (t_end - t_prev),
+                    "step_time": t_end - t_prev, "time": time.time(),
+                }
+                if metrics is not None:
+                    metrics.write(last)
+                progress.update(last)
+                _warn_collapse(progress, entropy_val, loss_val, cfg.model.out_dim, pos.global_step)
+                # ---- checkpoint
+                end_of_epoch = pos.step_in_epoch == 0
+                done = pos.global_step >= total_steps
+                every = cfg.checkpoint.every_steps
+                if end_of_epoch or done or stop["signal"] is not None or (every and pos.global_step % every == 0):
+                    ckpt.save(engine, teacher, dino_loss, pos, cfg)
+                if done or stop["signal"] is not None:
+                    break
+                t_prev = time.perf_counter()
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if rank == 0:
+        how = f"stopped by signal {stop['signal']}" if stop["signal"] is not None else "done"
+        progress.info(f"{how}: {pos.global_step} steps; checkpoint {ckpt.latest()}; "
+                      f"metrics {out_dir / cfg.logging.metrics_file}; output {out_dir.resolve()}")
+    return last
+
+
+@torch.no_grad()
+def _teacher_entropy(teacher_out: torch.Tensor, dino_loss: DINOLoss, epoch: int) -> torch.Tensor:
+    """Mean entropy (nats) of the centred, sharpened teacher distribution: → 0 when one prototype wins."""
+    # The center has already been updated for this step; the difference to the loss's center is negligible here.
+    temp = float(dino_loss.teacher_temp_schedule[epoch])
+    logp = torch.log_softmax((teacher_out.float() - dino_loss.center) / temp, dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def _warn_collapse(progress: Progress, entropy: float, loss: float, k: int, step: int) -> None:
+    if step % 50 and step > 1:
+        return
+    if entropy < 0.05:
+        progress.warn(f"teacher entropy {entropy:.3f} ≈ 0 at step {step}: collapse to one prototype?")
+    elif abs(loss - math.log(k)) < 0.01 * math.log(k) and step > 100:
+        progress.warn(f"loss {loss:.3f} ≈ ln K = {math.log(k):.3f} at step {step}: uniform collapse?")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dino_fast.train", description="Train a DINO ViT. Overrides are dotted key=value, e.g. optim.lr=1e-3.")
+    parser.add_argument("--config", default=None, help="YAML recipe (dino_fast/configs/*.yaml); overrides only")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""One factory for every loader backend, so the trainer and the benchmarks build them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipelines.folder import DataError, ImageList, list_images
+from pipelines.spec import MultiCropLoader, MultiCropSpec
+
+
+def resolve_data_path(data_cfg, split: str = "train") -> Path:
+    """``data.path=demo`` → the generated demo dataset's ``train``/``val`` folder; anything else is used as is for
+    ``train``. A held-out ``val`` folder is looked for beside a ``train`` folder (``<parent>/val``)."""
+    if data_cfg.path == "demo":
+        from pipelines.demo_data import ensure_demo_dataset
+
+        train, val = ensure_demo_dataset(image_size=data_cfg.demo_image_size,
+                                         per_class_train=data_cfg.demo_images_per_class)
+        return train if split == "train" else val
+    path = Path(data_cfg.path).expanduser()
+    if split == "train":
+        return path
+    sibling = path.parent / split
+    if path.name == "train" and sibling.is_dir():
+        return sibling
+    raise DataError(f"no held-out '{split}' folder next to '{path}' (expected '{sibling}')")
+
+
+def build_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: torch.device | str = "cpu", images: ImageList | None = None) -> MultiCropLoader:
+    """The loader of ``data_cfg.backend`` yielding the batch contract of ``pipelines.spec``."""
+    spec = MultiCropSpec.from_config(data_cfg)
+    device = torch.device(device)
+    backend = data_cfg.backend
+    if backend == "ffcv":
+        from pipelines.ffcv import FFCVMultiCropLoader
+
+        return FFCVMultiCropLoader(data_cfg, spec, rank=rank, world_size=world_size, seed=seed, device=device)
+    if images is None:
+        images = list_images(resolve_data_path(data_cfg, "train"))
+    if backend == "torch":
+        from pipelines.torch_loader import TorchMultiCropLoader
+
+        return TorchMultiCropLoader(images, spec, data_cfg.batch_size_per_gpu, data_cfg.num_workers, rank,
+                                    world_size, seed, pin_memory=device.type == "cuda")
+    if backend == "dali":
+        from pipelines.dali import DaliMultiCropLoader
+
+        return DaliMultiCropLoader(images, spec, data_cfg.batch_size_per_gpu, data_cfg.num_workers, rank,
+                                   world_size, seed, device=device)
+    raise DataError(f"data.backend='{backend}' is not one of torch, dali, ffcv")

@@ -1,0 +1,66 @@
+import torch
+from torch import nn
+
+from dino_fast.models import DINOHead
+from dino_fast.optim import cancel_last_layer_grads, clip_gradients, param_groups
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = DINOHead(8, 12, norm_last_layer=False, nlayers=2, hidden_dim=16, bottleneck_dim=4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(x)))
+
+
+def test_param_groups_exclude_biases_and_1d_params_from_decay():
+    model = Tiny()
+    reg, noreg = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in reg["params"]} == {"lin.weight", "head.mlp.0.weight", "head.mlp.2.weight",
+                                           "head.last_layer.parametrizations.weight.original0",
+                                           "head.last_layer.parametrizations.weight.original1"}
+    assert {names[id(p)] for p in noreg["params"]} == {"lin.bias", "norm.weight", "norm.bias", "head.mlp.0.bias",
+                                                       "head.mlp.2.bias"}
+    assert noreg["weight_decay"] == 0.0
+    frozen = DINOHead(8, 12, norm_last_layer=True, nlayers=1)
+    assert all(p.requires_grad for g in param_groups(frozen) for p in g["params"])
+
+
+def test_per_parameter_clipping_matches_the_reference_loop():
+    torch.manual_seed(0)
+    model = Tiny()
+    model(torch.randn(4, 6)).pow(2).sum().mul(50).backward()
+    for p in model.parameters():  # make some gradients small enough to be left alone
+        if p.ndim == 1:
+            p.grad.mul_(1e-3)
+    expected = {}
+    for n, p in model.named_parameters():
+        g = p.grad.clone()
+        norm = g.norm(2)
+        coef = 3.0 / (norm + 1e-6)
+        expected[n] = g * coef if coef < 1 else g
+    norms = clip_gradients(model, 3.0)
+    assert norms.shape == (len(expected),)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-6, atol=0)
+        assert p.grad.norm() <= 3.0 + 1e-4
+    assert any(n > 3 for n in norms.tolist()) and any(n < 3 for n in norms.tolist())
+
+
+def test_last_layer_freeze_drops_only_last_layer_grads_and_adamw_skips_it():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(param_groups(model), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(4, 6)).sum().backward()
+    cancel_last_layer_grads(model)
+    opt.step()
+    for n, p in model.named_parameters():
+        if "last_layer" in n:
+            assert p.grad is None and torch.equal(p, before[n])  # no gradient step, no weight decay
+        else:
+            assert not torch.equal(p, before[n])
