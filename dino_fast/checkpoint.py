@@ -6,7 +6,8 @@ Layout of ``<output_dir>/checkpoints/``::
         <DeepSpeed files>     mp_rank_*_model_states.pt, optimizer states per rank
         teacher.pt            teacher MultiCropWrapper state_dict (backbone.*, head.*), fp32
         dino_state.pt         center, epoch, step within the epoch, global step
-        rng_rank<r>.pt        every rank's torch / numpy / python (and accelerator) RNG states
+        rank<r>_state.pt      every rank's torch / numpy / python (and accelerator) RNG states, and a fingerprint of
+                              its teacher and center (checked equal across ranks at every save)
         config.yaml           the resolved run config
     latest                    the tag of the newest complete checkpoint
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@torch.no_grad()
+def teacher_fingerprint(teacher: torch.nn.Module, center: torch.Tensor) -> torch.Tensor:
+    """float64 sums and sums of squares of every teacher parameter, then the center: equal on every rank iff the
+    ranks agree (to within what such sums can tell)."""
+    tensors = [p.detach() for p in teacher.parameters()] + [center.detach()]
+    sums = torch.stack([t.double().sum() for t in tensors])
+    squares = torch.stack([t.double().square().sum() for t in tensors])
+    return torch.cat([sums, squares])
+
+
+def _check_ranks_agree(fingerprint: torch.Tensor) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    bad = [r for r, f in enumerate(gathered) if not torch.equal(f, gathered[0])]
+    if bad and _rank() == 0:
+        warnings.warn(f"teacher/center differ between rank 0 and ranks {bad}: the ranks have diverged", stacklevel=3)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -84,7 +106,9 @@ class Checkpointer:
         engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"global_step": pos.global_step},
                                save_latest=False)
         tmp = tmp_root / tag
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        fingerprint = teacher_fingerprint(teacher, dino_loss.center)
+        torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu()}, tmp / f"rank{rank}_state.pt")
+        _check_ranks_agree(fingerprint)
         if rank == 0:
             torch.save(teacher.state_dict(), tmp / "teacher.pt")
             torch.save({"center": dino_loss.center.detach().cpu(), "epoch": pos.epoch,
@@ -135,7 +159,7 @@ class Checkpointer:
         teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))
         state = torch.load(path / "dino_state.pt", map_location=device)
         dino_loss.center.copy_(state["center"])
-        rng_file = path / f"rng_rank{_rank()}.pt"
-        if rng_file.exists():  # absent when resuming with more ranks than saved: fresh RNG on the new ranks
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        rank_file = path / f"rank{_rank()}_state.pt"
+        if rank_file.exists():  # absent when resuming with more ranks than saved: fresh RNG on the new ranks
+            _set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
         return TrainPosition(state["epoch"], state["step_in_epoch"], state["global_step"])

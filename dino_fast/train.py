@@ -100,8 +100,6 @@ def train(cfg: Config) -> dict:
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg, device)
     out_dir = Path(cfg.checkpoint.output_dir)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
 
     # ---- data
     loader = build_loader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device)
@@ -110,7 +108,8 @@ def train(cfg: Config) -> dict:
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
 
-    # ---- models, loss, optimizer, engine
+    # ---- models, loss, optimizer, engine (same init seed on every rank; per-rank seeds for drop-path after)
+    torch.manual_seed(cfg.seed)
     student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
     teacher.to(device).eval()
     ncrops = 2 + cfg.data.local_crops_number
@@ -122,7 +121,10 @@ def train(cfg: Config) -> dict:
                                   **({"fused": True} if device.type == "cuda" else {}))
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, world, precision))
+    teacher.load_state_dict(engine.module.state_dict())  # the student as DeepSpeed broadcast it from rank 0
     ema = TeacherEMA(teacher, engine.module, impl=cfg.dino.ema_impl)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
 
     # ---- schedules (per iteration; lr scaled by the global batch)
     global_batch = cfg.data.batch_size_per_gpu * world

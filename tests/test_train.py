@@ -1,0 +1,149 @@
+"""The trainer end to end on CPU with real DeepSpeed: resume, several ranks, bad inputs, non-finite loss."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dino_fast.config import load_config
+from dino_fast.train import main, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:08d}"
+
+
+def _student_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def test_resume_follows_the_uninterrupted_trajectory(tiny_overrides, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    base = tiny_overrides + ["checkpoint.every_steps=2"]
+    train(load_config(None, base + [f"checkpoint.output_dir={straight}", "optim.max_steps=4"]))
+    train(load_config(None, base + [f"checkpoint.output_dir={split}", "optim.max_steps=2"]))
+    train(load_config(None, base + [f"checkpoint.output_dir={split}", "optim.max_steps=4", "checkpoint.resume=auto"]))
+
+    a, b = _ckpt(straight, 4), _ckpt(split, 4)
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    teacher_a, teacher_b = torch.load(a / "teacher.pt"), torch.load(b / "teacher.pt")
+    student_a, student_b = _student_state(a), _student_state(b)
+    assert teacher_a.keys() == teacher_b.keys()
+    for k in teacher_a:
+        torch.testing.assert_close(teacher_b[k], teacher_a[k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(student_b[k], student_a[k], rtol=1e-6, atol=1e-7, msg=k)
+    torch.testing.assert_close(torch.load(b / "dino_state.pt")["center"], torch.load(a / "dino_state.pt")["center"])
+    # Training moved the weights, and the teacher is an EMA of (not equal to) the student.
+    first = torch.load(_ckpt(straight, 2) / "teacher.pt")
+    assert any(not torch.equal(first[k], teacher_a[k]) for k in first)
+    assert any(not torch.equal(student_a[k], teacher_a[k]) for k in teacher_a)
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"step":4' in lines[-1]
+
+
+def test_checkpoints_are_pruned_and_hold_everything(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides + [f"checkpoint.output_dir={run}", "optim.max_steps=5",
+                                              "checkpoint.every_steps=1", "checkpoint.keep_last=2"]))
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000005"]
+    ckpt = _ckpt(run, 5)
+    for name in ("teacher.pt", "dino_state.pt", "rank0_state.pt", "config.yaml", "mp_rank_00_model_states.pt"):
+        assert (ckpt / name).exists(), name
+    state = torch.load(ckpt / "dino_state.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 5, 5)
+    assert not list((run / "checkpoints" / ".tmp").glob("step_*"))
+    assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_through_the_deepspeed_launcher_agree(tiny_overrides, tmp_path):
+    run = tmp_path / "ddp"
+    overrides = [o for o in tiny_overrides if not o.startswith("checkpoint.output_dir")]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(REPO / "dino_fast" / "train.py"), *overrides, f"checkpoint.output_dir={run}", "optim.max_steps=3",
+           "data.batch_size_per_gpu=4", "logging.progress=plain"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = _ckpt(run, 3)
+    r0, r1 = (torch.load(ckpt / f"rank{r}_state.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(r0["fingerprint"], r1["fingerprint"])  # same teacher weights and center on both ranks
+    assert not torch.equal(r0["rng"]["torch"], r1["rng"]["torch"])  # ranks draw different drop-path noise
+    assert "2 rank(s)" in proc.stdout and "global batch 8" in proc.stdout
+    center = torch.load(ckpt / "dino_state.pt")["center"]
+    assert center.abs().sum() > 0
+
+
+def _run_main(args, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exc.value.code, err
+
+
+def test_unknown_config_key_is_a_clear_error(tiny_overrides, capsys):
+    code, err = _run_main(tiny_overrides + ["optim.learning_rate=1"], capsys)
+    assert code == 2 and "unknown config key 'optim.learning_rate'" in err
+
+
+def test_missing_and_empty_data_paths_are_clear_errors(tiny_overrides, tmp_path, capsys):
+    code, err = _run_main(tiny_overrides + [f"data.path={tmp_path / 'nope'}"], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    code, err = _run_main(tiny_overrides + [f"data.path={tmp_path / 'empty'}"], capsys)
+    assert code == 2 and "holds no images" in err
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tiny_image_root, tiny_overrides, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_image_root / "train", data)
+    victim = sorted((data / "circle").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
+    (data / "circle" / "notes.jpg").write_text("not an image")
+    (data / "circle" / "empty.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        train(load_config(None, tiny_overrides + [f"data.path={data}", "optim.max_steps=12",
+                                                  "data.batch_size_per_gpu=8", "checkpoint.every_steps=0"]))
+    assert Image.open(sorted((data / "square").iterdir())[0]).size == (32, 32)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "nan"
+    common = tiny_overrides + [f"checkpoint.output_dir={run}"]
+    train(load_config(None, common + ["optim.max_steps=2"]))
+    good = _ckpt(run, 2)
+    before = {p.name: p.stat().st_mtime_ns for p in good.iterdir()}
+    # An absurd learning rate blows the weights up after one step; the next loss is not finite.
+    code, err = _run_main(common + ["optim.max_steps=10", "checkpoint.resume=auto", "optim.lr=1e38",
+                                    "optim.warmup_epochs=0", "optim.clip_grad=0", "checkpoint.every_steps=0"], capsys)
+    assert code == 3 and "at step 4" in err and "step_00000002" in err
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert {p.name: p.stat().st_mtime_ns for p in good.iterdir()} == before
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
+
+
+def test_demo_config_runs_via_python_m(tmp_path):
+    """`python -m dino_fast.train --config demo.yaml` (plain progress, no TTY) on a few steps."""
+    env = dict(os.environ, DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
+    cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml",
+           f"checkpoint.output_dir={tmp_path / 'run'}", "optim.max_steps=4", "data.demo_images_per_class=8",
+           "data.batch_size_per_gpu=8", "logging.print_every=2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "img/s" in proc.stdout and "step 4/4" in proc.stdout and "done: 4 steps" in proc.stdout
