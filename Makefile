@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test lint bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	@if ! dpkg -s libturbojpeg0-dev libopencv-dev pkg-config >/dev/null 2>&1; then \
@@ -36,6 +36,16 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all $(ARGS)
+
+# Wheels the lent GPU machine lacks (it has torch, triton, timm, rich, numpy but no deepspeed), for
+# benchmarks/gpu_check.sh: carried in .whl/ (git-ignored).
+gpu-wheels: setup
+	mkdir -p .whl
+	$(PIP) wheel -q --no-deps deepspeed==0.19.8 -w .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+		hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+		typing_extensions==4.16.0
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -88,9 +88,34 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     return ds
 
 
+def build_training(cfg: Config, device: torch.device, world: int, precision: str):
+    """Student (owned by a DeepSpeed engine with its AdamW), teacher, loss and EMA, as the trainer uses them.
+
+    Every rank builds the models from the same seed, and the teacher is copied from the student as DeepSpeed
+    broadcast it, so all ranks start identical. Returns (engine, teacher, dino_loss, ema).
+    """
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
+    teacher.to(device).eval()
+    ncrops = 2 + cfg.data.local_crops_number
+    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
+                         cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
+                         cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, world, precision))
+    # With one rank DeepSpeed would still all-reduce every gradient bucket (a copy per bucket on CPU); skip it.
+    engine.enable_backward_allreduce = world > 1
+    teacher.load_state_dict(engine.module.state_dict())
+    ema = TeacherEMA(teacher, engine.module, impl=cfg.dino.ema_impl)
+    return engine, teacher, dino_loss, ema
+
+
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the last step's metrics."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     rank, world, local_rank = init_distributed()
@@ -108,22 +133,9 @@ def train(cfg: Config) -> dict:
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
 
-    # ---- models, loss, optimizer, engine (same init seed on every rank; per-rank seeds for drop-path after)
-    torch.manual_seed(cfg.seed)
-    student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
-    teacher.to(device).eval()
-    ncrops = 2 + cfg.data.local_crops_number
-    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
-                         cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
-                         cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
-    groups = param_groups(student)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, world, precision))
-    teacher.load_state_dict(engine.module.state_dict())  # the student as DeepSpeed broadcast it from rank 0
-    ema = TeacherEMA(teacher, engine.module, impl=cfg.dino.ema_impl)
-    torch.manual_seed(cfg.seed + rank)
+    # ---- models, loss, optimizer, engine
+    engine, teacher, dino_loss, ema = build_training(cfg, device, world, precision)
+    torch.manual_seed(cfg.seed + rank)  # same init everywhere, per-rank drop-path noise from here on
     np.random.seed(cfg.seed + rank)
 
     # ---- schedules (per iteration; lr scaled by the global batch)
@@ -172,34 +184,17 @@ def train(cfg: Config) -> dict:
             for batch in loader:
                 t_data = time.perf_counter()
                 it = epoch * steps_per_epoch + pos.step_in_epoch
-                # ---- schedules
-                for i, group in enumerate(optimizer.param_groups):
-                    group["lr"] = lr_s[it]
-                    if i == 0:  # the regularised group only
-                        group["weight_decay"] = wd_s[it]
                 crops = [c.to(device, non_blocking=True) for c in batch.crops]
-                # ---- forward
-                with torch.no_grad(), teacher_ctx():
-                    teacher_out = teacher(crops[:2])
-                student_out = engine(crops)
-                loss = dino_loss(student_out, teacher_out, epoch)
-                entropy = _teacher_entropy(teacher_out, dino_loss, epoch)
-                loss_val, entropy_val = torch.stack([loss.detach().float(), entropy]).tolist()  # one host sync
-                if not math.isfinite(loss_val):
+                try:
+                    loss_val, entropy_val = train_step(engine, teacher, dino_loss, ema, crops, epoch=epoch,
+                                                       lr=lr_s[it], wd=wd_s[it], momentum=mom_s[it], cfg=cfg,
+                                                       teacher_ctx=teacher_ctx)
+                except NonFiniteLossError as exc:
                     raise NonFiniteLossError(
-                        f"loss is {loss_val} at step {pos.global_step + 1} (epoch {epoch}); stopped before the "
+                        f"loss is {exc} at step {pos.global_step + 1} (epoch {epoch}); stopped before the "
                         f"update. Last good checkpoint: {ckpt.latest() or 'none'}. Lower optim.lr, raise "
                         f"optim.warmup_epochs or check the data."
-                    )
-                # ---- backward, clip, freeze, step
-                engine.backward(loss)
-                if cfg.optim.clip_grad > 0:
-                    clip_gradients(engine.module, cfg.optim.clip_grad)
-                if epoch < cfg.optim.freeze_last_layer:
-                    cancel_last_layer_grads(engine.module)
-                engine.step()
-                # ---- teacher EMA
-                ema.update(mom_s[it])
+                    ) from None
                 # ---- log
                 pos.step_in_epoch += 1
                 pos.global_step += 1
@@ -239,6 +234,39 @@ def train(cfg: Config) -> dict:
         progress.info(f"{how}: {pos.global_step} steps; checkpoint {ckpt.latest()}; "
                       f"metrics {out_dir / cfg.logging.metrics_file}; output {out_dir.resolve()}")
     return last
+
+
+def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: TeacherEMA, crops: list[torch.Tensor], *,
+               epoch: int, lr: float, wd: float, momentum: float, cfg: Config,
+               teacher_ctx=contextlib.nullcontext) -> tuple[float, float]:
+    """One DINO iteration on crops already on the device; returns (loss, teacher entropy) as floats.
+
+    Raises NonFiniteLossError (message: the loss value) before any update when the loss is not finite.
+    """
+    # ---- schedules
+    for i, group in enumerate(engine.optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # the regularised group only
+            group["weight_decay"] = wd
+    # ---- forward: teacher on the globals, student on every crop
+    with torch.no_grad(), teacher_ctx():
+        teacher_out = teacher(crops[:2])
+    student_out = engine(crops)
+    loss = dino_loss(student_out, teacher_out, epoch)
+    entropy = _teacher_entropy(teacher_out, dino_loss, epoch)
+    loss_val, entropy_val = torch.stack([loss.detach().float(), entropy]).tolist()  # the step's one host sync
+    if not math.isfinite(loss_val):
+        raise NonFiniteLossError(str(loss_val))
+    # ---- backward, clip, freeze, step
+    engine.backward(loss)
+    if cfg.optim.clip_grad > 0:
+        clip_gradients(engine.module, cfg.optim.clip_grad)
+    if epoch < cfg.optim.freeze_last_layer:
+        cancel_last_layer_grads(engine.module)
+    engine.step()
+    # ---- teacher EMA
+    ema.update(momentum)
+    return loss_val, entropy_val
 
 
 @torch.no_grad()

@@ -1,0 +1,318 @@
+"""Images/s of complete DINO steps: dino_fast's step vs the reference step, same model, same GPU (or CPU).
+
+A step = student forward + backward on all crops, teacher forward on the two globals, the loss, per-parameter
+clipping, the optimizer step and the teacher EMA. Modes:
+
+- ``synthetic``: random crops already on the device (the model-bound ceiling);
+- ``torch``: crops from the baseline torch/PIL loader over generated 500×375 JPEGs (end to end, with the data-wait
+  share). (DALI/FFCV end-to-end numbers come from adding them to ``--modes`` where they are installed.)
+
+Providers:
+
+- ``ours``: ``dino_fast.train.build_training`` + ``train_step`` (DeepSpeed engine, bf16 torch-autocast on GPU / fp32
+  on CPU, folded loss or the Triton kernel, foreach/Triton EMA, multi-tensor clipping, fused AdamW on GPU);
+- ``reference``: the reference step written from DINO_SPEC in plain PyTorch as the reference does it: the eager
+  2·(ncrops−1)-pair loss, fp16 autocast + GradScaler (GPU), per-parameter clipping with one host sync per parameter,
+  the per-parameter EMA loop, torch AdamW with default settings.
+- ``--reference-repo PATH``: a checkout of facebookresearch/dino; its DINOLoss, clip_gradients,
+  cancel_gradients_last_layer, ViT and head are imported from that path and timed directly.
+
+MFU = (FLOPs of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` on our step: student forward +
+backward over all crops, teacher forward over the globals, the head and the loss matmuls) × steps/s ÷ the device's
+dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). Run: ``python -m benchmarks.bench_train [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import environment, pick_device, print_table, results_path, sync, write_json
+from benchmarks.reference import ReferenceDINOLoss
+from dino_fast.config import Config, load_config
+from dino_fast.models import build_student_teacher
+from dino_fast.ops.ema import ema_reference_loop
+from dino_fast.optim import param_groups
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def bench_config(arch: str, batch: int, n_local: int, global_size: int, local_size: int, out_dim: int,
+                 device: torch.device, extra: list[str]) -> Config:
+    return load_config(None, [
+        f"model.arch={arch}", f"model.out_dim={out_dim}", f"data.batch_size_per_gpu={batch}",
+        f"data.local_crops_number={n_local}", f"data.global_crop_size={global_size}",
+        f"data.local_crop_size={local_size}", "optim.epochs=100", "optim.warmup_epochs=10", "logging.progress=none",
+        *extra,
+    ])
+
+
+def synthetic_crops(cfg: Config, device: torch.device) -> list[torch.Tensor]:
+    b, g, loc = cfg.data.batch_size_per_gpu, cfg.data.global_crop_size, cfg.data.local_crop_size
+    return ([torch.randn(b, 3, g, g, device=device) for _ in range(2)]
+            + [torch.randn(b, 3, loc, loc, device=device) for _ in range(cfg.data.local_crops_number)])
+
+
+def crop_stream(cfg: Config, mode: str, device: torch.device, n_images: int, workers: int):
+    """Endless (crops, data-wait seconds) from synthetic tensors or a real loader."""
+    if mode == "synthetic":
+        crops = synthetic_crops(cfg, device)
+        while True:
+            yield crops, 0.0
+    from benchmarks.loader_images import ensure_benchmark_images
+    from pipelines.build import build_loader
+
+    cfg.data.path = str(ensure_benchmark_images(n_images))
+    cfg.data.backend = mode
+    cfg.data.num_workers = workers
+    loader = build_loader(cfg.data, device=device)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            crops = [c.to(device, non_blocking=True) for c in batch.crops]
+            yield crops, time.perf_counter() - t0
+        epoch += 1
+
+
+class OursStep:
+    def __init__(self, cfg: Config, device: torch.device):
+        from dino_fast.train import build_training, init_distributed, resolve_precision
+
+        init_distributed()
+        self.precision = resolve_precision(cfg, device)
+        self.cfg = cfg
+        self.engine, self.teacher, self.dino_loss, self.ema = build_training(cfg, device, 1, self.precision)
+        self.teacher_ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.precision == "bf16"
+                            else contextlib.nullcontext)
+        self.describe = (f"DeepSpeed {self.precision}, loss={self.dino_loss.impl}, ema={self.ema.impl}")
+
+    def __call__(self, crops: list[torch.Tensor]) -> float:
+        from dino_fast.train import train_step
+
+        loss, _ = train_step(self.engine, self.teacher, self.dino_loss, self.ema, crops, epoch=1, lr=1e-4, wd=0.04,
+                             momentum=0.996, cfg=self.cfg, teacher_ctx=self.teacher_ctx)
+        return loss
+
+
+class ReferenceStep:
+    """The reference step in plain PyTorch (see the module docstring)."""
+
+    def __init__(self, cfg: Config, device: torch.device, repo: str | None = None):
+        self.device, self.cfg = device, cfg
+        ncrops = 2 + cfg.data.local_crops_number
+        if repo:
+            self._from_repo(repo, cfg, device, ncrops)
+        else:
+            torch.manual_seed(0)
+            self.student, self.teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
+            self.loss = ReferenceDINOLoss(cfg.model.out_dim, ncrops, device=device)
+            self.loss_fn = lambda s, t: self.loss(s, t, 0.04)
+            self.clip = _reference_clip
+            self.cancel = _reference_cancel_last_layer
+            self.describe = "eager pair loop, fp16 autocast + GradScaler, per-param clip/EMA loops"
+        self.student.to(device).train()
+        self.teacher.to(device).eval()
+        self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4)
+        self.amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        names = [n for n, _ in self.student.named_parameters()]
+        t_named = dict(self.teacher.named_parameters())
+        self.pairs = ([t_named[n] for n in names], [p for _, p in self.student.named_parameters()])
+
+    def _from_repo(self, repo: str, cfg: Config, device: torch.device, ncrops: int) -> None:
+        sys.path.insert(0, repo)
+        import main_dino  # noqa: F401  (the reference's DINOLoss lives there)
+        import utils
+        import vision_transformer as vits
+
+        if not torch.distributed.is_initialized():  # the reference's center update all-reduces
+            from dino_fast.train import init_distributed
+
+            init_distributed()
+        arch = cfg.model.arch.split("_patch")[0]  # vit_small_patch16_224 → vit_small
+        make = vits.__dict__[arch]
+        s_bb = make(patch_size=16, drop_path_rate=0.1)
+        t_bb = make(patch_size=16)
+        self.student = utils.MultiCropWrapper(s_bb, vits.DINOHead(s_bb.embed_dim, cfg.model.out_dim))
+        self.teacher = utils.MultiCropWrapper(t_bb, vits.DINOHead(t_bb.embed_dim, cfg.model.out_dim))
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.loss = main_dino.DINOLoss(cfg.model.out_dim, ncrops, 0.04, 0.04, 0, 100).to(device)
+        self.loss_fn = lambda s, t: self.loss(s, t, 1)
+        self.clip = utils.clip_gradients
+        self.cancel = lambda model: utils.cancel_gradients_last_layer(0, model, 1)
+        self.describe = f"imported from {repo}"
+
+    def __call__(self, crops: list[torch.Tensor]) -> float:
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with ctx:
+            teacher_out = self.teacher(crops[:2])
+            student_out = self.student(crops)
+            loss = self.loss_fn(student_out, teacher_out)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError("reference step: loss is not finite")
+        self.opt.zero_grad()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+            self.clip(self.student, 3.0)
+            self.cancel(self.student)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.clip(self.student, 3.0)
+            self.cancel(self.student)
+            self.opt.step()
+        ema_reference_loop(*self.pairs, 0.996)
+        return loss.item()
+
+
+def _reference_clip(model: torch.nn.Module, clip: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.data.norm(2)
+            coef = clip / (norm + 1e-6)
+            if coef < 1:  # a host sync per parameter, as the reference
+                p.grad.data.mul_(coef)
+
+
+def _reference_cancel_last_layer(model: torch.nn.Module) -> None:
+    for n, p in model.named_parameters():
+        if "last_layer" in n:
+            p.grad = None
+
+
+def count_step_flops(step: OursStep, crops: list[torch.Tensor]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(crops)
+    return float(counter.get_total_flops())
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args) -> dict[str, Any]:
+    step = OursStep(cfg, device) if provider == "ours" else ReferenceStep(cfg, device, args.reference_repo)
+    stream = crop_stream(cfg, mode, device, args.images, args.workers)
+    flops = None
+    for i in range(args.warmup):
+        crops, _ = next(stream)
+        if provider == "ours" and i == 0 and mode == "synthetic":
+            flops = count_step_flops(step, crops)
+        else:
+            step(crops)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, waits = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        crops, wait = next(stream)
+        step(crops)  # the step ends in a host sync (loss.item()), so wall time is the step time
+        times.append(time.perf_counter() - t0)
+        waits.append(wait)
+    times.sort()
+    med = times[len(times) // 2]
+    b = cfg.data.batch_size_per_gpu
+    result = {
+        "provider": provider, "mode": mode, "arch": cfg.model.arch, "batch": b,
+        "crops": f"2x{cfg.data.global_crop_size}+{cfg.data.local_crops_number}x{cfg.data.local_crop_size}",
+        "ms_per_step": 1e3 * med, "p20_ms": 1e3 * times[len(times) // 5], "p80_ms": 1e3 * times[4 * len(times) // 5],
+        "img_per_s": b / med, "data_wait_share": sum(waits) / sum(times), "describe": step.describe,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    if flops:
+        peak = peak_flops(device)
+        result.update(step_tflop=flops / 1e12, achieved_tflops=flops / med / 1e12,
+                      mfu=(flops / med / peak) if peak else None)
+    del step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", default="vit_small_patch16_224,vit_base_patch16_224")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--locals", type=int, default=10)
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=96)
+    p.add_argument("--out-dim", type=int, default=65536)
+    p.add_argument("--modes", default="synthetic", help="synthetic,torch[,dali,ffcv]")
+    p.add_argument("--providers", default="ours,reference")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--images", type=int, default=2000, help="generated JPEGs for the loader modes")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--reference-repo", default=None, help="checkout of facebookresearch/dino to time directly")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="CPU sanity run: ViT-tiny depth 2, 64/32 px, 4 steps")
+    p.add_argument("--out", default=None)
+    p.add_argument("--set", nargs="*", default=[], help="extra dino_fast config overrides")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    extra = list(args.set)
+    if args.quick:
+        args.archs, args.batch, args.locals, args.global_size, args.local_size = "vit_tiny_patch16_224", 8, 4, 64, 32
+        args.out_dim, args.steps, args.warmup = 4096, 4, 2
+        extra += ["model.depth=2", "model.patch_size=16"]
+    rows, results = [], []
+    for arch in args.archs.split(","):
+        for mode in args.modes.split(","):
+            ref_ips = None
+            for provider in args.providers.split(","):
+                cfg = bench_config(arch, args.batch, args.locals, args.global_size, args.local_size, args.out_dim,
+                                   device, extra)
+                try:
+                    r = run_case(provider, cfg, mode, device, args)
+                except Exception as exc:  # record and go on: one failing case must not lose the others
+                    r = {"provider": provider, "mode": mode, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
+                results.append(r)
+                if "error" in r:
+                    rows.append([arch, mode, provider, "-", "-", "-", "-", "-", r["error"][:60]])
+                    continue
+                if provider == "reference":
+                    ref_ips = r["img_per_s"]
+                rows.append([arch, mode, provider, r["img_per_s"], r["ms_per_step"], r["data_wait_share"],
+                             r.get("mfu"), r["peak_mem_gib"], r["describe"][:60]])
+            ours = next((r for r in results if r.get("arch") == arch and r.get("mode") == mode
+                         and r.get("provider") == "ours" and "error" not in r), None)
+            if ours and ref_ips:
+                ours["speedup_vs_reference"] = ours["img_per_s"] / ref_ips
+    payload = {"benchmark": "train_step", "env": environment(device), "results": results,
+               "mfu_formula": "FlopCounterMode FLOPs of one step (student fwd+bwd all crops, teacher fwd globals, "
+                              "loss) / median step time / dense bf16 peak"}
+    path = write_json(payload, results_path("train", device, args.out))
+    print_table(f"DINO train step on {payload['env']['device']} (median of {args.steps})",
+                ["arch", "mode", "provider", "img/s", "ms/step", "data wait", "MFU", "peak GiB", "setup"], rows)
+    for r in results:
+        if "speedup_vs_reference" in r:
+            print(f"{r['arch']} {r['mode']}: ours / reference = {r['speedup_vs_reference']:.2f}x")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
