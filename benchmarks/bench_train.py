@@ -102,9 +102,9 @@ class OursStep:
     def __call__(self, crops: list[torch.Tensor]) -> float:
         from dino_fast.train import train_step
 
-        loss, _ = train_step(self.engine, self.teacher, self.dino_loss, self.ema, crops, epoch=1, lr=1e-4, wd=0.04,
+        metrics = train_step(self.engine, self.teacher, self.dino_loss, self.ema, crops, epoch=1, lr=1e-4, wd=0.04,
                              momentum=0.996, cfg=self.cfg, teacher_ctx=self.teacher_ctx)
-        return loss
+        return metrics["loss"]
 
 
 class ReferenceStep:

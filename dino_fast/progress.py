@@ -33,7 +33,7 @@ def _fmt(m: dict[str, Any], total_steps: int) -> str:
         f"ep {m['epoch']} step {m['step']}/{total_steps} | {m['img_per_s']:.1f} img/s "
         f"(avg {m['img_per_s_avg']:.1f}) | data {100 * m['data_wait']:.0f}% | loss {m['loss']:.4f} | "
         f"lr {m['lr']:.2e} wd {m['wd']:.3f} m {m['momentum']:.4f} τt {m['teacher_temp']:.3f} | "
-        f"H(t) {m['teacher_entropy']:.3f}"
+        f"H(t) {m['teacher_entropy']:.2f} KL {m['teacher_student_kl']:.3f}"
     )
 
 

@@ -27,6 +27,7 @@ import torch
 
 from dino_fast.checkpoint import Checkpointer, TrainPosition
 from dino_fast.config import Config, ConfigError, load_config, save_config
+from dino_fast.health import CollapseDetector, health_metrics
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients, param_groups
@@ -165,6 +166,7 @@ def train(cfg: Config) -> dict:
             + (f", resumed from {resume_from}" if resume_from else "")
         )
 
+    collapse = CollapseDetector(cfg.model.out_dim, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch)
     stop = {"signal": None}
 
     def request_stop(signum, _frame):  # finish the current step, checkpoint, exit
@@ -186,7 +188,7 @@ def train(cfg: Config) -> dict:
                 it = epoch * steps_per_epoch + pos.step_in_epoch
                 crops = [c.to(device, non_blocking=True) for c in batch.crops]
                 try:
-                    loss_val, entropy_val = train_step(engine, teacher, dino_loss, ema, crops, epoch=epoch,
+                    step_metrics = train_step(engine, teacher, dino_loss, ema, crops, epoch=epoch,
                                                        lr=lr_s[it], wd=wd_s[it], momentum=mom_s[it], cfg=cfg,
                                                        teacher_ctx=teacher_ctx)
                 except NonFiniteLossError as exc:
@@ -203,19 +205,28 @@ def train(cfg: Config) -> dict:
                 t_end = time.perf_counter()
                 images_seen += global_batch
                 last = {
-                    "step": pos.global_step, "epoch": epoch, "loss": loss_val, "lr": float(lr_s[it]),
+                    "step": pos.global_step, "epoch": epoch, **step_metrics, "lr": float(lr_s[it]),
                     "wd": float(wd_s[it]), "momentum": float(mom_s[it]),
                     "teacher_temp": float(dino_loss.teacher_temp_schedule[epoch]),
-                    "teacher_entropy": entropy_val, "img_per_s": global_batch / (t_end - t_prev),
+                    "img_per_s": global_batch / (t_end - t_prev),
                     "img_per_s_avg": images_seen / (t_end - t_start), "data_wait": (t_data - t_prev) / (t_end - t_prev),
                     "step_time": t_end - t_prev, "time": time.time(),
                 }
                 if metrics is not None:
                     metrics.write(last)
                 progress.update(last)
-                _warn_collapse(progress, entropy_val, loss_val, cfg.model.out_dim, pos.global_step)
-                # ---- checkpoint
+                warning = collapse.update(pos.global_step, last["teacher_entropy"], last["loss"],
+                                          last["teacher_batch_entropy"])
+                if warning:
+                    progress.warn(warning)
+                # ---- periodic k-NN on the held-out split, then checkpoint
                 end_of_epoch = pos.step_in_epoch == 0
+                if end_of_epoch and cfg.eval.knn_every_epochs and (epoch + 1) % cfg.eval.knn_every_epochs == 0:
+                    knn = periodic_knn(cfg, teacher, device, rank, world)
+                    if metrics is not None:
+                        metrics.write({"step": pos.global_step, "epoch": epoch, **knn, "time": time.time()})
+                    progress.info(f"epoch {epoch} k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}%"
+                                  f" top-5 {knn['knn_top5']:.2f}%")
                 done = pos.global_step >= total_steps
                 every = cfg.checkpoint.every_steps
                 if end_of_epoch or done or stop["signal"] is not None or (every and pos.global_step % every == 0):
@@ -236,10 +247,26 @@ def train(cfg: Config) -> dict:
     return last
 
 
+def periodic_knn(cfg: Config, teacher: torch.nn.Module, device: torch.device, rank: int, world: int) -> dict:
+    """Weighted k-NN accuracy of the teacher backbone on the held-out split (every rank takes part)."""
+    from dino_fast.knn import evaluate_knn
+    from pipelines.build import resolve_data_path
+
+    size = cfg.data.global_crop_size
+    results = evaluate_knn(
+        teacher.backbone, resolve_data_path(cfg.data, "train"), resolve_data_path(cfg.data, "val"),
+        k_list=(cfg.eval.knn_k,), temperature=cfg.eval.knn_temperature, resize=round(size * 256 / 224), crop=size,
+        batch_size=2 * cfg.data.batch_size_per_gpu, num_workers=cfg.data.num_workers, device=device,
+        train_subset=cfg.eval.knn_train_subset, val_subset=cfg.eval.knn_val_subset, rank=rank, world_size=world,
+        progress=False)
+    top1, top5 = results[cfg.eval.knn_k]
+    return {"knn_top1": top1, "knn_top5": top5}
+
+
 def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: TeacherEMA, crops: list[torch.Tensor], *,
                epoch: int, lr: float, wd: float, momentum: float, cfg: Config,
-               teacher_ctx=contextlib.nullcontext) -> tuple[float, float]:
-    """One DINO iteration on crops already on the device; returns (loss, teacher entropy) as floats.
+               teacher_ctx=contextlib.nullcontext) -> dict[str, float]:
+    """One DINO iteration on crops already on the device; returns the loss and the health metrics as floats.
 
     Raises NonFiniteLossError (message: the loss value) before any update when the loss is not finite.
     """
@@ -252,11 +279,14 @@ def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: Teach
     with torch.no_grad(), teacher_ctx():
         teacher_out = teacher(crops[:2])
     student_out = engine(crops)
+    center = dino_loss.center.clone()  # the center this loss uses (forward updates it)
     loss = dino_loss(student_out, teacher_out, epoch)
-    entropy = _teacher_entropy(teacher_out, dino_loss, epoch)
-    loss_val, entropy_val = torch.stack([loss.detach().float(), entropy]).tolist()  # the step's one host sync
-    if not math.isfinite(loss_val):
-        raise NonFiniteLossError(str(loss_val))
+    health = health_metrics(None, teacher_out, center, float(dino_loss.teacher_temp_schedule[epoch]),
+                            dino_loss.student_temp, dino_loss.ncrops, loss=loss)
+    values = torch.stack([loss.detach().float(), *health.values()]).tolist()  # the step's one host sync
+    out = dict(zip(["loss", *health], values))
+    if not math.isfinite(out["loss"]):
+        raise NonFiniteLossError(str(out["loss"]))
     # ---- backward, clip, freeze, step
     engine.backward(loss)
     if cfg.optim.clip_grad > 0:
@@ -266,25 +296,7 @@ def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: Teach
     engine.step()
     # ---- teacher EMA
     ema.update(momentum)
-    return loss_val, entropy_val
-
-
-@torch.no_grad()
-def _teacher_entropy(teacher_out: torch.Tensor, dino_loss: DINOLoss, epoch: int) -> torch.Tensor:
-    """Mean entropy (nats) of the centred, sharpened teacher distribution: → 0 when one prototype wins."""
-    # The center has already been updated for this step; the difference to the loss's center is negligible here.
-    temp = float(dino_loss.teacher_temp_schedule[epoch])
-    logp = torch.log_softmax((teacher_out.float() - dino_loss.center) / temp, dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
-
-
-def _warn_collapse(progress: Progress, entropy: float, loss: float, k: int, step: int) -> None:
-    if step % 50 and step > 1:
-        return
-    if entropy < 0.05:
-        progress.warn(f"teacher entropy {entropy:.3f} ≈ 0 at step {step}: collapse to one prototype?")
-    elif abs(loss - math.log(k)) < 0.01 * math.log(k) and step > 100:
-        progress.warn(f"loss {loss:.3f} ≈ ln K = {math.log(k):.3f} at step {step}: uniform collapse?")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

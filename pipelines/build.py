@@ -13,6 +13,8 @@ from pipelines.spec import MultiCropLoader, MultiCropSpec
 def resolve_data_path(data_cfg, split: str = "train") -> Path:
     """``data.path=demo`` → the generated demo dataset's ``train``/``val`` folder; anything else is used as is for
     ``train``. A held-out ``val`` folder is looked for beside a ``train`` folder (``<parent>/val``)."""
+    if not data_cfg.path:
+        raise DataError("no data path given: set data.path=/path/to/images (or data.path=demo for the demo set)")
     if data_cfg.path == "demo":
         from pipelines.demo_data import ensure_demo_dataset
 
