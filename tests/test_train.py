@@ -19,6 +19,13 @@ from dino_fast.train import main, train
 REPO = Path(__file__).resolve().parents[1]
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process, without the one-process group variables an in-process run set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    return {**env, **extra}
+
+
 def _ckpt(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step:08d}"
 
@@ -78,7 +85,7 @@ def test_two_ranks_through_the_deepspeed_launcher_agree(tiny_overrides, tmp_path
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(REPO / "dino_fast" / "train.py"), *overrides, f"checkpoint.output_dir={run}", "optim.max_steps=3",
            "data.batch_size_per_gpu=4", "logging.progress=plain"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = _ckpt(run, 3)
     r0, r1 = (torch.load(ckpt / f"rank{r}_state.pt", weights_only=False) for r in (0, 1))
@@ -140,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_overrides, tmp
 
 def test_demo_config_runs_via_python_m(tmp_path):
     """`python -m dino_fast.train --config demo.yaml` (plain progress, no TTY) on a few steps."""
-    env = dict(os.environ, DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
+    env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
     cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml",
            f"checkpoint.output_dir={tmp_path / 'run'}", "optim.max_steps=4", "data.demo_images_per_class=8",
            "data.batch_size_per_gpu=8", "logging.print_every=2"]
