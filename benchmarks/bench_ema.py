@@ -1,0 +1,158 @@
+"""Teacher-EMA benchmark on real parameter sets: ViT-S/16 and ViT-B/16, each with the DINO head (K=65536).
+
+Providers, all computing t ← m·t + (1−m)·s over every parameter (teacher fp32, student fp32 or bf16):
+  * ``reference``       one mul_/add_ pair per parameter (the reference algorithm);
+  * ``foreach``         one multi-tensor lerp (timm ModelEmaV3 style; the best plain-torch path);
+  * ``ours-flat``       :class:`dino_fast.ops.ema.FlatEMA`, teacher and student in flat buffers: one streaming launch
+                        (what a DeepSpeed-flattened or ``flatten_student=True`` student gets);
+  * ``ours-grouped``    FlatEMA with the student left as separate tensors: one pointer-table launch.
+The Triton providers need CUDA; on CPU the table shows the torch paths (``foreach`` is what dino_fast picks there).
+Throughput counts the bytes every provider must move (read t, read s, write t) and is compared with the
+device-to-device copy bandwidth measured in the same run.
+
+Run from the repo root: ``python -m benchmarks.bench_ema`` (full GPU suite) or ``--quick`` (CPU / CI sanity).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import (
+    copy_bandwidth,
+    environment,
+    peak_memory,
+    pick_device,
+    print_table,
+    results_path,
+    time_fn,
+    write_json,
+)
+from dino_fast.ops import ema as ops
+
+OUT_DIM = 65536
+PARAM_SETS = {"vit_small+head": "vit_small_patch16_224", "vit_base+head": "vit_base_patch16_224"}
+
+
+def param_shapes(arch: str) -> list[torch.Size]:
+    """Shapes of a DINO student (timm ViT + DINO head, K=65536), built on the meta device (no memory, no init)."""
+    from dino_fast.models import DINOHead, build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(arch, 224)
+        head = DINOHead(backbone.num_features, OUT_DIM)
+    return [p.shape for m in (backbone, head) for p in m.parameters()]
+
+
+def make_params(shapes: list[torch.Size], s_dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    teacher = [torch.randn(s, generator=g, device=device) * 0.02 for s in shapes]
+    student = [(t + torch.randn(s, generator=g, device=device) * 1e-3).to(s_dtype) for t, s in zip(teacher, shapes)]
+    return teacher, student
+
+
+def providers(device: torch.device) -> list[str]:
+    names = ["reference", "foreach"]
+    if device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS:
+        names += ["ours-flat", "ours-grouped"]
+    return names
+
+
+def build_update(name: str, teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float,
+                 block: int | None = None, num_warps: int | None = None):
+    if name == "reference":
+        return lambda: ops.ema_reference_loop(teacher, student, momentum), 1
+    if name == "foreach":
+        return lambda: ops.ema_foreach(teacher, student, momentum), 1
+    ema = ops.FlatEMA(teacher, student, flatten_student=name == "ours-flat", block=block, num_warps=num_warps)
+    return lambda: ema.update(momentum), ema.num_launches
+
+
+def sweep(shapes, device: torch.device, bw: float, iters: int) -> list[dict]:
+    """Block size / warps of the flat kernel (bf16 student, one launch)."""
+    teacher, student = make_params(shapes, torch.bfloat16, device)
+    n = sum(t.numel() for t in teacher)
+    rows = []
+    for block in (1024, 2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16):
+            fn, _ = build_update("ours-flat", teacher, student, 0.996, block, warps)
+            t = time_fn(fn, device, 3, iters)
+            gbs = n * 10 / (t["median_ms"] * 1e-3) / 1e9
+            rows.append({"block": block, "num_warps": warps, "median_ms": t["median_ms"], "gb_s": gbs,
+                         "pct_of_copy_bw": 100 * gbs / bw})
+    print_table("FlatEMA launch-config sweep (bf16 student, last param set)",
+                ["block", "warps", "ms", "GB/s", "% copy"],
+                [[r["block"], r["num_warps"], r["median_ms"], r["gb_s"], r["pct_of_copy_bw"]] for r in rows])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="ViT-S + head, fp32 student, few iterations")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="result JSON path (default: $OUT or benchmarks/results/)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--sweep", action="store_true", help="also sweep the flat kernel's launch config (CUDA)")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    cpu = device.type == "cpu"
+    sets = ["vit_small+head"] if args.quick else list(PARAM_SETS)
+    dtypes = [torch.float32] if args.quick else [torch.bfloat16, torch.float32]
+    iters = args.iters or (5 if args.quick or cpu else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick or cpu else 5)
+
+    env = environment(device)
+    bw = copy_bandwidth(device)
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  copy bandwidth {bw:.1f} GB/s")
+    results, table = [], []
+    shapes_by_set = {name: param_shapes(PARAM_SETS[name]) for name in sets}
+    for set_name in sets:
+        shapes = shapes_by_set[set_name]
+        n = sum(s.numel() for s in shapes)
+        for s_dtype in dtypes:
+            s_item = torch.empty((), dtype=s_dtype).element_size()
+            nbytes = n * (4 + s_item + 4)
+            base = None
+            for name in providers(device):
+                teacher, student = make_params(shapes, s_dtype, device)
+                row = {"param_set": set_name, "params": n, "tensors": len(shapes), "student_dtype":
+                       str(s_dtype).replace("torch.", ""), "provider": name, "bytes": nbytes}
+                try:
+                    fn, launches = build_update(name, teacher, student, 0.996)
+                    row["timing"] = time_fn(fn, device, warmup, iters)
+                    row["launches"] = launches if name.startswith("ours") else None
+                    row["peak_memory_bytes"] = peak_memory(fn, device)
+                    row["gb_s"] = nbytes / (row["timing"]["median_ms"] * 1e-3) / 1e9
+                    row["pct_of_copy_bw"] = 100 * row["gb_s"] / bw
+                    if name == "reference":
+                        base = row["timing"]["median_ms"]
+                    row["speedup_vs_reference"] = base / row["timing"]["median_ms"] if base else None
+                except Exception as exc:  # recorded, the other providers still run
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                    print(f"  {name} {set_name} {row['student_dtype']}: {row['error']}")
+                results.append(row)
+                t = row.get("timing", {})
+                table.append([set_name, f"{n / 1e6:.1f}M", row["student_dtype"], name, t.get("median_ms"),
+                              t.get("p20_ms"), t.get("p80_ms"), row.get("gb_s"), row.get("pct_of_copy_bw"),
+                              row.get("speedup_vs_reference"),
+                              None if row.get("peak_memory_bytes") is None else row["peak_memory_bytes"] / 2**20])
+                del teacher, student
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print_table(f"Teacher EMA ({env['device']}; copy bandwidth {bw:.0f} GB/s, bytes = read t + read s + write t)",
+                ["params", "n", "student", "provider", "median ms", "p20", "p80", "GB/s", "% copy", "× ref",
+                 "peak MiB"], table)
+    payload = {"benchmark": "teacher_ema", "environment": env, "copy_bandwidth_gbs": bw, "iters": iters,
+               "warmup": warmup, "results": results, "launch_config": {"block": ops.BLOCK, "num_warps": ops.NUM_WARPS}}
+    if args.sweep and device.type == "cuda":
+        payload["sweep"] = sweep(shapes_by_set[sets[-1]], device, bw, iters)
+    path = write_json(payload, results_path("bench_ema", device, args.out))
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

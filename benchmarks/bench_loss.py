@@ -1,0 +1,233 @@
+"""DINO loss benchmark: the reference pair loop, torch.compile of it, and dino_fast's fused loss.
+
+Providers (all return ``(loss, teacher_colsum)`` for the same inputs):
+  * ``reference``   the spec's 2·(ncrops−1)-pair loop (benchmarks/reference.py), eager;
+  * ``compile``     ``torch.compile`` of that loop (a failure is recorded and the run goes on; a compile-time budget
+                    skips the rest once spent);
+  * ``ours``        ``dino_loss_triton`` on CUDA, ``dino_loss_eager`` (fused, analytic gradient) on CPU;
+  * ``eager-fused`` ``dino_loss_eager`` on CUDA too (the fallback path).
+bf16 configurations run under ``torch.autocast(bfloat16)`` as training does (the reference's softmaxes then run in
+fp32). Per provider: forward, backward and full-step time (median, p20, p80), peak extra memory, and the full step
+against a memory-bandwidth floor: the minimum bytes (read student once, read teacher once, write the student
+gradient once) at the device-to-device copy bandwidth measured in the same run.
+
+Run from the repo root: ``python -m benchmarks.bench_loss`` (full GPU suite) or ``--quick`` (CPU / CI sanity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.common import (
+    copy_bandwidth,
+    environment,
+    fmt,
+    peak_memory,
+    pick_device,
+    print_table,
+    results_path,
+    time_fn,
+    write_json,
+)
+from benchmarks.reference import reference_dino_loss
+from dino_fast.ops import dino_loss as ops
+
+TEACHER_TEMP, STUDENT_TEMP, K = 0.04, 0.1, 65536
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_inputs(b: int, ncrops: int, k: int, dtype: torch.dtype, device: torch.device):
+    """Head-like logits (cosine similarities in [-1, 1]) and a small non-zero center."""
+    g = torch.Generator(device=device).manual_seed(0)
+    student = (torch.rand(ncrops * b, k, generator=g, device=device) * 2 - 1).to(dtype)
+    teacher = (torch.rand(2 * b, k, generator=g, device=device) * 2 - 1).to(dtype)
+    center = torch.randn(1, k, generator=g, device=device) * 0.01
+    return student, teacher, center
+
+
+def providers(device: torch.device, ncrops: int, with_compile: bool) -> dict[str, LossFn]:
+    def bind(fn):
+        return lambda s, t, c: fn(s, t, c, TEACHER_TEMP, STUDENT_TEMP, ncrops)
+
+    out: dict[str, LossFn] = {"reference": bind(reference_dino_loss)}
+    if with_compile:
+        torch._dynamo.reset()  # a fresh cache per configuration: no recompile limit, compile time measured alone
+        out["compile"] = bind(torch.compile(reference_dino_loss, dynamic=False))
+    if device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS:
+        out["ours"] = bind(ops.dino_loss_triton)
+        out["eager-fused"] = bind(ops.dino_loss_eager)
+    else:
+        out["ours"] = bind(ops.dino_loss_eager)
+    return out
+
+
+def bench_provider(fn: LossFn, inputs, dtype: torch.dtype, device: torch.device, warmup: int, iters: int) -> dict:
+    student, teacher, center = inputs
+    x = student.clone().requires_grad_()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    state: dict = {}
+
+    def forward():
+        with amp:
+            state["loss"] = fn(x, teacher, center)[0]
+
+    def fresh_forward():
+        x.grad = None
+        forward()
+
+    def backward():
+        state["loss"].backward()
+
+    def full():
+        fresh_forward()
+        backward()
+
+    t0 = time.perf_counter()
+    full()  # first call: compiles (torch.compile, Triton), measured separately
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    first_call_s = time.perf_counter() - t0
+    loss_value = float(state["loss"].detach())
+    res = {
+        "first_call_s": first_call_s,
+        "loss": loss_value,
+        "forward": time_fn(fresh_forward, device, warmup, iters),
+        "backward": time_fn(backward, device, warmup, iters, setup=fresh_forward),
+        "full": time_fn(full, device, warmup, iters),
+    }
+    x.grad = None
+    state.clear()
+    res["peak_memory_bytes"] = peak_memory(full, device)
+    x.grad = None
+    state.clear()
+    return res
+
+
+def floor_bytes(b: int, ncrops: int, k: int, dtype: torch.dtype) -> int:
+    """Read student logits once + read teacher logits once + write the student gradient once."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return (2 * ncrops * b * k + 2 * b * k) * item
+
+
+def sweep(device: torch.device, iters: int) -> dict:
+    """Launch-config sweep of the two Triton kernels at the real size (B=256, 2+10 crops, K=65536, bf16)."""
+    b, ncrops = 256, 12
+    student, teacher, center = make_inputs(b, ncrops, K, torch.bfloat16, device)
+    bw = copy_bandwidth(device)
+    t_bytes = teacher.numel() * 2 + teacher.numel() * 4  # read t, write the fp32 numerators
+    s_bytes = student.numel() * 2 * 2 + teacher.numel() * 4  # read s, write grad, read the numerators once
+    teacher_rows, student_rows = [], []
+    for cfg in [(1024, 16, 4), (2048, 16, 4), (2048, 16, 8), (4096, 16, 8), (2048, 4, 4), (4096, 4, 8), (4096, 32, 8)]:
+        t = time_fn(lambda cfg=cfg: ops.teacher_targets_and_colsum(teacher, center, TEACHER_TEMP, cfg), device, 3,
+                    iters)
+        teacher_rows.append({"config": cfg, "ms": t["median_ms"],
+                             "pct_of_copy_bw": 100 * t_bytes / 1e9 / bw / (t["median_ms"] * 1e-3)})
+    targets, _ = ops.teacher_targets_and_colsum(teacher, center, TEACHER_TEMP, (4096, 16, 8))
+    for cfg in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
+        t = time_fn(lambda cfg=cfg: ops.student_loss_and_grad(student, targets, STUDENT_TEMP, ncrops, True, cfg),
+                    device, 3, iters)
+        student_rows.append({"config": cfg, "ms": t["median_ms"],
+                             "pct_of_copy_bw": 100 * s_bytes / 1e9 / bw / (t["median_ms"] * 1e-3)})
+    print_table(f"Launch-config sweep (B={b}, {ncrops} crops, K={K}, bf16; copy {bw:.0f} GB/s)",
+                ["kernel", "config", "ms", "% copy bw (bytes it must move)"],
+                [["teacher", str(r["config"]), r["ms"], r["pct_of_copy_bw"]] for r in teacher_rows]
+                + [["student", str(r["config"]), r["ms"], r["pct_of_copy_bw"]] for r in student_rows])
+    return {"teacher": teacher_rows, "student": student_rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="B=32, 2+8 crops, fp32, few iterations (CPU / CI sanity)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="result JSON path (default: $OUT or benchmarks/results/)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-budget-s", type=float, default=40.0,
+                   help="skip the compile provider for the remaining configurations once its compiles took this long")
+    p.add_argument("--sweep", action="store_true", help="also sweep the Triton launch configs (CUDA)")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    cpu = device.type == "cpu"
+    warnings.filterwarnings("ignore", message=".*[Oo]nline softmax is disabled.*")  # inductor's note, per compile
+    if args.quick:
+        configs = [(32, 10, torch.float32)]
+    else:
+        # Most telling first (the compile budget may skip the tail): the real size, then the default recipe.
+        configs = [(b, n, d) for d in (torch.bfloat16, torch.float32) for b, n in ((256, 12), (64, 10), (256, 10),
+                                                                                    (64, 12))]
+    iters = args.iters or (3 if args.quick or cpu else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick or cpu else 3)
+    with_compile = args.compile if args.compile is not None else not (args.quick or cpu)
+
+    env = environment(device)
+    bw = copy_bandwidth(device)
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  copy bandwidth {bw:.1f} GB/s")
+    out_path = results_path("bench_loss", device, args.out)
+    results = []
+    compile_spent = 0.0
+    for b, ncrops, dtype in configs:
+        inputs = make_inputs(b, ncrops, K, dtype, device)
+        floor_ms = floor_bytes(b, ncrops, K, dtype) / (bw * 1e9) * 1e3
+        use_compile = with_compile and compile_spent < args.compile_budget_s
+        for name, fn in providers(device, ncrops, use_compile).items():
+            row = {"provider": name, "B": b, "ncrops": ncrops, "K": K, "dtype": str(dtype).replace("torch.", ""),
+                   "floor_ms": floor_ms}
+            try:
+                row.update(bench_provider(fn, inputs, dtype, device, warmup, iters))
+                row["pct_of_floor"] = 100 * floor_ms / row["full"]["median_ms"]
+            except Exception as exc:  # a provider that fails (compile, OOM) is recorded, the rest still run
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                print(f"  {name} B={b} ncrops={ncrops} {row['dtype']}: {row['error']}")
+            if name == "compile":
+                compile_spent += row.get("first_call_s", 0.0)
+            results.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if with_compile and not use_compile:
+            results.append({"provider": "compile", "B": b, "ncrops": ncrops, "K": K,
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "error": f"skipped: compile budget of {args.compile_budget_s:.0f} s spent"})
+        del inputs
+        # Partial results survive a timeout of the caller.
+        write_json({"benchmark": "dino_loss", "environment": env, "partial": True, "results": results}, out_path)
+
+    # Ratios against the reference of the same configuration.
+    ref = {(r["B"], r["ncrops"], r["dtype"]): r for r in results if r["provider"] == "reference" and "full" in r}
+    table = []
+    for r in results:
+        base = ref.get((r["B"], r["ncrops"], r["dtype"]))
+        if "full" in r and base:
+            r["speedup_full_vs_reference"] = base["full"]["median_ms"] / r["full"]["median_ms"]
+            r["loss_diff_vs_reference"] = abs(r["loss"] - base["loss"])
+        t = [r["provider"], r["B"], f"2+{r['ncrops'] - 2}", r["dtype"]]
+        if "full" in r:
+            t += [r["forward"]["median_ms"], r["backward"]["median_ms"],
+                  f"{fmt(r['full']['median_ms'])} [{fmt(r['full']['p20_ms'])}-{fmt(r['full']['p80_ms'])}]",
+                  r.get("speedup_full_vs_reference"), r["pct_of_floor"],
+                  None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20, r["first_call_s"], ""]
+        else:
+            t += [None] * 7 + [r.get("error", "")[:70]]
+        table.append(t)
+    print_table(f"DINO loss, K={K} ({env['device']}; floor = bytes at {bw:.0f} GB/s copy bandwidth)",
+                ["provider", "B", "crops", "dtype", "fwd ms", "bwd ms", "full ms [p20-p80]", "× ref",
+                 "% floor", "peak MiB", "1st call s", "note"], table)
+    payload = {"benchmark": "dino_loss", "environment": env, "copy_bandwidth_gbs": bw, "iters": iters,
+               "warmup": warmup, "teacher_temp": TEACHER_TEMP, "student_temp": STUDENT_TEMP, "results": results,
+               "launch_config": {"teacher": ops.TEACHER_CONFIG, "student": ops.STUDENT_CONFIG}}
+    if args.sweep and device.type == "cuda":
+        payload["sweep"] = sweep(device, iters)
+    path = write_json(payload, out_path)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

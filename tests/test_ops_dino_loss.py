@@ -1,0 +1,248 @@
+"""The fused DINO loss (Triton and eager) against the literal pair loop of the spec, in float64.
+
+CPU runs execute the Triton kernels in the interpreter (``TRITON_INTERPRET=1``, set below before triton is first
+imported); the ``cuda`` variants run the compiled kernels, including the real size (B=256, 2+10 crops, K=65536).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first `import triton` of the process (timm and dino_fast import it): the interpreter runs
+    # kernels on CPU tensors. On a CUDA machine the kernels are compiled and the CPU variants are skipped.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from dino_fast.ops import dino_loss as ops  # noqa: E402
+
+INTERPRETED = type(ops._student_loss_grad_kernel).__name__ == "InterpretedFunction"
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TEACHER_TEMP, STUDENT_TEMP = 0.04, 0.1
+
+
+@pytest.fixture
+def interpreted():
+    if not INTERPRETED:
+        pytest.skip("Triton kernels are compiled in this process (triton was imported before TRITON_INTERPRET=1 "
+                    "could be set): covered by test_interpreter_rerun on CPU, by the cuda variants on a GPU")
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the interpreter tests ran in this process")
+def test_interpreter_rerun():
+    """Another test module imported triton first: run this file's CPU tests in a fresh interpreter-mode process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-m", "not cuda", "-p", "no:cacheprovider"]
+    run = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def reference_loss64(student, teacher, center, teacher_temp, student_temp, ncrops):
+    """DINO_SPEC "Loss", literally: 2·(ncrops−1) pairs of softmax targets × log_softmax, in float64."""
+    s = (student / student_temp).chunk(ncrops)
+    q = torch.softmax((teacher.double() - center.double()) / teacher_temp, dim=-1).chunk(2)
+    total, n_terms = 0.0, 0
+    for iq in range(2):
+        for v in range(ncrops):
+            if v != iq:
+                total = total + torch.sum(-q[iq] * torch.log_softmax(s[v], dim=-1), dim=-1).mean()
+                n_terms += 1
+    return total / n_terms
+
+
+def make_inputs(b, k, ncrops, dtype, device, seed=0):
+    """Logits shaped like the head's (cosine similarities in [-1, 1]), a non-zero center."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    student = (torch.rand(ncrops * b, k, generator=g) * 2 - 1).to(device=device, dtype=dtype)
+    teacher = (torch.rand(2 * b, k, generator=g) * 2 - 1).to(device=device, dtype=dtype)
+    center = (torch.randn(1, k, generator=g) * 0.1).to(device)
+    return student, teacher, center
+
+
+TOL = {  # loss (fp32 math on the same inputs in both dtypes), gradient (stored in the student dtype)
+    torch.float32: dict(loss=dict(rtol=2e-5, atol=2e-5), grad=dict(rtol=1e-4, atol=1e-7)),
+    torch.bfloat16: dict(loss=dict(rtol=2e-5, atol=2e-5), grad=dict(rtol=1.6e-2, atol=1e-6)),
+}
+
+
+def check(fn, b, k, ncrops, dtype, device, grad_scale=1.0, seed=0):
+    student, teacher, center = make_inputs(b, k, ncrops, dtype, device, seed)
+    s64 = student.double().requires_grad_()
+    ref = reference_loss64(s64, teacher, center, TEACHER_TEMP, STUDENT_TEMP, ncrops)
+    (ref * grad_scale).backward()
+
+    x = student.clone().requires_grad_()
+    loss, colsum = fn(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, ncrops)
+    (loss * grad_scale).backward() if grad_scale != 1.0 else loss.backward()
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), ref.detach(), **TOL[dtype]["loss"])
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    grad_atol = TOL[dtype]["grad"]["atol"] + TOL[dtype]["grad"]["rtol"] * s64.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=TOL[dtype]["grad"]["rtol"], atol=grad_atol)
+    assert colsum.shape == (1, k) and colsum.dtype == torch.float32
+    torch.testing.assert_close(colsum.double(), teacher.double().sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
+
+
+CASES = [  # (B, K, ncrops, dtype)
+    (5, 1007, 2, torch.float32),
+    (5, 1007, 3, torch.float32),
+    (3, 1007, 10, torch.float32),
+    (5, 1007, 3, torch.bfloat16),
+    (3, 1007, 10, torch.bfloat16),
+    (2, 65536, 4, torch.float32),
+]
+IDS = [f"B{b}-K{k}-crops{n}-{str(d)[6:]}" for b, k, n, d in CASES]
+
+
+@pytest.mark.parametrize("b,k,ncrops,dtype", CASES, ids=IDS)
+def test_triton_matches_pair_loop(interpreted, b, k, ncrops, dtype):
+    check(ops.dino_loss_triton, b, k, ncrops, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_grad_output_not_one(interpreted, dtype):
+    check(ops.dino_loss_triton, 3, 1007, 4, dtype, "cpu", grad_scale=0.37, seed=1)
+
+
+@pytest.mark.parametrize("b,k,ncrops,dtype", CASES, ids=IDS)
+def test_eager_matches_pair_loop(b, k, ncrops, dtype):
+    check(ops.dino_loss_eager, b, k, ncrops, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_grad_output_not_one(dtype):
+    check(ops.dino_loss_eager, 3, 1007, 4, dtype, "cpu", grad_scale=0.37, seed=1)
+
+
+def test_triton_equals_eager_and_strided_inputs(interpreted):
+    student, teacher, center = make_inputs(4, 333, 3, torch.float32, "cpu", seed=2)
+    wide = torch.zeros(student.shape[0], 400)
+    wide[:, :333] = student
+    strided = wide[:, :333].requires_grad_()  # row stride 400: read in place
+    transposed = teacher.t().contiguous().t()  # column-major: copied
+    loss, colsum = ops.dino_loss_triton(strided, transposed, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    loss.backward()
+    x = student.clone().requires_grad_()
+    loss_e, colsum_e = ops.dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    loss_e.backward()
+    torch.testing.assert_close(loss, loss_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(colsum, colsum_e, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(strided.grad, x.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("teacher_cfg,student_cfg", [((1024, 3, 4), (256, 4)), ((256, 16, 8), (1024, 8)),
+                                                     ((64, 1, 1), (64, 1))])
+def test_triton_launch_configs(interpreted, teacher_cfg, student_cfg):
+    # Row groups that do not divide the rows, student blocks smaller than the teacher's, K not a block multiple.
+    student, teacher, center = make_inputs(5, 1007, 3, torch.float32, "cpu", seed=5)
+    targets, colsum = ops.teacher_targets_and_colsum(teacher, center, TEACHER_TEMP, teacher_cfg)
+    q = torch.softmax((teacher.double() - center.double()) / TEACHER_TEMP, dim=-1)
+    torch.testing.assert_close(targets.probabilities().double(), q, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(colsum.double(), teacher.double().sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
+    loss, grad = ops.student_loss_and_grad(student, targets, STUDENT_TEMP, 3, True, student_cfg)
+    x = student.clone().requires_grad_()
+    loss_e, _ = ops.dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    loss_e.backward()
+    torch.testing.assert_close(loss, loss_e.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["eager", "triton"])
+def test_autocast_keeps_fp32_math(name, request):
+    if name == "triton":
+        request.getfixturevalue("interpreted")
+    fn = ops.IMPLEMENTATIONS[name]
+    student, teacher, center = make_inputs(3, 1007, 4, torch.bfloat16, "cpu", seed=4)
+    plain, _ = fn(student, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = fn(student, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 4)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_without_grad_and_uniform_collapse(interpreted):
+    # Identical logits everywhere: q and softmax are uniform, the loss is ln K, the gradient zero.
+    k = 512
+    student = torch.full((3 * 2, k), 0.3)
+    teacher = torch.full((2 * 2, k), -0.2)
+    loss, colsum = ops.dino_loss_triton(student, teacher, torch.zeros(1, k), TEACHER_TEMP, STUDENT_TEMP, 3)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, torch.tensor(torch.log(torch.tensor(float(k))).item()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(colsum, torch.full((1, k), -0.8))
+
+
+@pytest.mark.parametrize("name", ["eager", "triton"])
+def test_no_grad_mode(name, request):
+    if name == "triton":
+        request.getfixturevalue("interpreted")
+    fn = ops.IMPLEMENTATIONS[name]
+    student, teacher, center = make_inputs(2, 300, 3, torch.float32, "cpu", seed=6)
+    x = student.clone().requires_grad_()
+    with torch.no_grad():
+        loss, _ = fn(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    assert not loss.requires_grad
+    ref = reference_loss64(student.double(), teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fn", [ops.dino_loss_eager, ops.dino_loss_triton], ids=["eager", "triton"])
+def test_bad_shapes_are_rejected(fn):
+    s, t, c = make_inputs(2, 64, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="ncrops"):
+        fn(s, t, c, TEACHER_TEMP, STUDENT_TEMP, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        fn(s[:-1], t, c, TEACHER_TEMP, STUDENT_TEMP, 3)
+    with pytest.raises(ValueError, match="center"):
+        fn(s, t, c[:, :10], TEACHER_TEMP, STUDENT_TEMP, 3)
+
+
+def test_triton_registered():
+    assert ops.IMPLEMENTATIONS["triton"] is ops.dino_loss_triton
+
+
+# ---------------------------------------------------------------------------------------------- CUDA (compiled)
+CUDA_CASES = CASES + [(64, 65536, 10, torch.bfloat16), (256, 65536, 12, torch.bfloat16)]
+CUDA_IDS = IDS + ["B64-K65536-crops10-bfloat16", "B256-K65536-crops12-bfloat16"]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("b,k,ncrops,dtype", CUDA_CASES, ids=CUDA_IDS)
+def test_cuda_triton_matches_pair_loop(b, k, ncrops, dtype):
+    check(ops.dino_loss_triton, b, k, ncrops, dtype, "cuda")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_grad_output_not_one(dtype):
+    check(ops.dino_loss_triton, 32, 65536, 10, dtype, "cuda", grad_scale=0.37, seed=1)
+    check(ops.dino_loss_eager, 32, 65536, 10, dtype, "cuda", grad_scale=0.37, seed=1)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_eager_matches_pair_loop(dtype):
+    check(ops.dino_loss_eager, 16, 65536, 10, dtype, "cuda")
+
+
+@cuda
+@needs_cuda
+def test_cuda_k_131072_strided_and_eager_agree():
+    student, teacher, center = make_inputs(8, 131072, 6, torch.bfloat16, "cuda", seed=3)
+    x = student.clone().requires_grad_()
+    y = torch.cat([student, student[:, :64]], dim=1)[:, :131072].requires_grad_()
+    loss_t, colsum_t = ops.dino_loss_triton(y, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 6)  # strided rows
+    loss_e, colsum_e = ops.dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 6)
+    loss_t.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_t, loss_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(colsum_t, colsum_e, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(y.grad.float(), x.grad.float(), rtol=1.6e-2, atol=1e-7)
