@@ -24,8 +24,11 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 
+ONLY=${GPU_CHECK_ONLY:-}  # e.g. GPU_CHECK_ONLY="bench-train train-demo" runs just those steps
+
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local t0=$SECONDS
   echo "=== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -40,7 +43,7 @@ step cuda-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_
   tests/test_gpu_augment.py
 step bench-loss 100 $PY -m benchmarks.bench_loss
 step bench-ema 45 $PY -m benchmarks.bench_ema
-step bench-train 150 $PY -m benchmarks.bench_train --archs vit_small_patch16_224,vit_base_patch16_224 \
+step bench-train 150 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224,vit_base_patch16_224} \
   --modes synthetic --steps 12 --warmup 4
 step train-demo 75 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.max_steps=60 \
   data.num_workers=8 data.batch_size_per_gpu=64 checkpoint.output_dir=/tmp/gpu_demo logging.progress=plain \
