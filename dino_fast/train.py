@@ -108,8 +108,9 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
                                   **({"fused": True} if device.type == "cuda" else {}))
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world, precision))
-    # With one rank DeepSpeed would still all-reduce every gradient bucket (a copy per bucket on CPU); skip it.
-    engine.enable_backward_allreduce = world > 1
+    # With one rank and no ZeRO, DeepSpeed would still all-reduce every gradient bucket (a copy per bucket on
+    # CPU); skip it. Under ZeRO 1/2 that hook is also where gradients move into ZeRO's buffers, so it stays.
+    engine.enable_backward_allreduce = world > 1 or cfg.deepspeed.zero_stage > 0
     teacher.load_state_dict(engine.module.state_dict())
     ema = TeacherEMA(teacher, engine.module, impl=cfg.dino.ema_impl)
     return engine, teacher, dino_loss, ema

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +65,29 @@ def test_last_layer_freeze_drops_only_last_layer_grads_and_adamw_skips_it():
             assert p.grad is None and torch.equal(p, before[n])  # no gradient step, no weight decay
         else:
             assert not torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_clipping_reaches_deepspeed_gradients_under_every_zero_stage(stage):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from dino_fast.train import init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(param_groups(model), lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+        "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0})
+    loss = engine(torch.randn(4, 6)).pow(2).sum() * 100
+    engine.backward(loss)
+    before = [safe_get_full_grad(p).clone() for p in engine.module.parameters() if p.requires_grad]
+    norms = clip_gradients(engine.module, 0.01)
+    after = [safe_get_full_grad(p) for p in engine.module.parameters() if p.requires_grad]
+    torch.testing.assert_close(norms, torch.stack([g.norm() for g in before]))
+    for b, a in zip(before, after):
+        expected = b * min(1.0, 0.01 / (b.norm().item() + 1e-6))
+        torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-9)
+    assert max(g.norm().item() for g in after) <= 0.01 + 1e-6 < max(g.norm().item() for g in before)
+    engine.step()

@@ -154,3 +154,21 @@ def test_demo_config_runs_via_python_m(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "img/s" in proc.stdout and "step 4/4" in proc.stdout and "done: 4 steps" in proc.stdout
+
+
+def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
+    """ZeRO 1/2 keep gradients in DeepSpeed's buffers: clipping must reach them there (clip 0.01 clips all)."""
+    common = tiny_overrides + ["optim.max_steps=3", "optim.lr=0.05", "optim.warmup_epochs=0", "optim.clip_grad=0.01",
+                               "optim.freeze_last_layer=0", "checkpoint.every_steps=0"]
+    states = {}
+    for stage in (0, 1, 2):
+        run = tmp_path / f"zero{stage}"
+        train(load_config(None, common + [f"checkpoint.output_dir={run}", f"deepspeed.zero_stage={stage}"]))
+        states[stage] = (_student_state(_ckpt(run, 3)), torch.load(_ckpt(run, 3) / "teacher.pt"))
+    start = torch.load(_ckpt(tmp_path / "zero0", 3) / "teacher.pt")
+    for stage in (1, 2):
+        for k, v in states[0][0].items():
+            torch.testing.assert_close(states[stage][0][k], v, rtol=1e-5, atol=1e-6, msg=f"stage {stage}: {k}")
+        for k, v in states[0][1].items():
+            torch.testing.assert_close(states[stage][1][k], v, rtol=1e-5, atol=1e-6, msg=f"stage {stage}: {k}")
+    assert any(not torch.equal(states[0][0][k], start[k]) for k in start)
