@@ -103,6 +103,7 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     knn_every_epochs: int = 0  # periodic k-NN on the held-out split; 0: off
+    knn_at_start: bool = False  # also measure the initial (random) network, as the baseline to beat
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_train_subset: int = 0  # 0: all

@@ -174,6 +174,12 @@ def train(cfg: Config) -> dict:
         stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    if cfg.eval.knn_at_start and pos.global_step == 0:
+        knn = periodic_knn(cfg, teacher, device, rank, world)
+        if metrics is not None:
+            metrics.write({"step": 0, "epoch": 0, **knn, "time": time.time()})
+        progress.info(f"initial k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}% "
+                      f"top-5 {knn['knn_top5']:.2f}%")
     teacher_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else (
         contextlib.nullcontext)
     last: dict = {}

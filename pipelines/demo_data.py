@@ -1,8 +1,8 @@
 """The embedded demo dataset: small JPEGs of procedurally drawn shapes, generated deterministically (no download).
 
-Eight classes (circle, square, triangle, cross, ring, horizontal stripes, vertical stripes, checkerboard), each
-drawn with a random colour, position, scale and rotation over a random noisy background, so that a class is a
-shape rather than a colour: a network that learns shape features beats a random one on k-NN.
+Eight texture classes (horizontal, vertical and two diagonal stripe directions, checkerboard, dots, grid, rings),
+each drawn with random near-grey levels, period, phase and noise, so that a class is a structure rather than a
+colour or brightness; a k-NN on the held-out split measures whether the network learnt to see it.
 Layout: ``<root>/train/<class>/*.jpg`` and ``<root>/val/<class>/*.jpg`` (held-out split).
 """
 
@@ -13,47 +13,47 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-CLASSES = ("circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "checker")
-VERSION = 1
+CLASSES = ("hstripes", "vstripes", "diag_up", "diag_down", "checker", "dots", "grid", "rings")
+VERSION = 4
 
 
 def _draw(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
-    bg = rng.integers(0, 256, 3)
-    noise = rng.normal(0, 18, (size, size, 3))
-    img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
-    fg = tuple(int(c) for c in (bg + rng.integers(80, 176, 3)) % 256)  # far enough from the background
-    draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.22, 0.42) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    width = max(2, int(r / 3))
-    if cls == "circle":
-        draw.ellipse(box, fill=fg)
-    elif cls == "ring":
-        draw.ellipse(box, outline=fg, width=width)
-    elif cls == "square":
-        draw.regular_polygon((cx, cy, r), 4, rotation=float(rng.uniform(0, 90)), fill=fg)
-    elif cls == "triangle":
-        draw.regular_polygon((cx, cy, r), 3, rotation=float(rng.uniform(0, 120)), fill=fg)
-    elif cls == "cross":
-        draw.rectangle((cx - r, cy - width / 2, cx + r, cy + width / 2), fill=fg)
-        draw.rectangle((cx - width / 2, cy - r, cx + width / 2, cy + r), fill=fg)
-    else:
-        period = int(rng.integers(6, 13))
-        yy, xx = np.mgrid[0:size, 0:size]
-        phase = int(rng.integers(0, period))
-        if cls == "hstripes":
-            mask = ((yy + phase) // (period // 2)) % 2 == 0
-        elif cls == "vstripes":
-            mask = ((xx + phase) // (period // 2)) % 2 == 0
-        else:
-            mask = (((yy + phase) // period) + ((xx + phase) // period)) % 2 == 0
-        arr = np.array(img)
-        arr[mask] = fg
-        img = Image.fromarray(arr)
-    return img
+    """A full-frame texture of class ``cls``: random colours, period, phase and noise, so that every crop of the
+    image still shows its class (DINO's local crops cover 5–40 % of it) and colour says nothing about the class."""
+    # Near-grey colours: every crop of an image shares them, so vivid random colours would be the easiest thing for
+    # self-distillation to latch on to, and they say nothing about the class.
+    level = rng.uniform(0, 100)
+    bg = level + rng.uniform(-15, 15, 3)
+    fg = level + rng.uniform(90, 155) + rng.uniform(-15, 15, 3)
+    period = rng.uniform(8, 11)  # a narrow range: a per-image period shared by all crops is a shortcut too
+    phase = rng.uniform(0, period, 2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    y, x = yy + phase[0], xx + phase[1]
+
+    def band(v: np.ndarray) -> np.ndarray:
+        return (v % period) < period / 2
+
+    if cls == "hstripes":
+        mask = band(y)
+    elif cls == "vstripes":
+        mask = band(x)
+    elif cls == "diag_up":
+        mask = band((x + y) / np.sqrt(2))
+    elif cls == "diag_down":
+        mask = band((x - y + size) / np.sqrt(2))
+    elif cls == "checker":
+        mask = band(x) ^ band(y)
+    elif cls == "dots":
+        mask = ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2) < (period / 3.2) ** 2
+    elif cls == "grid":
+        mask = ((x % period) < period / 4) | ((y % period) < period / 4)
+    else:  # rings around a random centre
+        cy, cx = rng.uniform(0, size, 2)
+        mask = band(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) + phase[0])
+    img = np.where(mask[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def generate(root: str | Path, image_size: int = 64, per_class_train: int = 300, per_class_val: int = 50,
@@ -77,7 +77,7 @@ def ensure_demo_dataset(root: str | Path | None = None, image_size: int = 64, pe
                         per_class_val: int = 50) -> tuple[Path, Path]:
     """Generate the demo dataset once (atomically: a temp folder renamed on success); return (train, val) dirs."""
     base = Path(root) if root is not None else default_root()
-    final = base / f"shapes-v{VERSION}-{image_size}px-{per_class_train}x{per_class_val}"
+    final = base / f"textures-v{VERSION}-{image_size}px-{per_class_train}x{per_class_val}"
     if not (final / ".complete").exists():
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -172,3 +172,29 @@ def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
         for k, v in states[0][1].items():
             torch.testing.assert_close(states[stage][1][k], v, rtol=1e-5, atol=1e-6, msg=f"stage {stage}: {k}")
     assert any(not torch.equal(states[0][0][k], start[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_demo_training_lowers_the_loss_and_logs_knn(tmp_path):
+    """The demo recipe, shortened (150 steps): the loss falls, and the run measures the teacher's k-NN on the
+    held-out split at the start and at the end (eval.knn_at_start + eval.knn_every_epochs).
+
+    Not asserted: that the k-NN beats the random network's. In runs of this length it does not yet (measured
+    40.5% at init → 23–31% after 30–60 steps on the texture set); see the issue notes.
+    """
+    import json
+
+    env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml",
+           f"checkpoint.output_dir={run}", "data.demo_images_per_class=120", "optim.epochs=5", "logging.progress=plain",
+           "eval.knn_at_start=true", "eval.knn_every_epochs=5", "checkpoint.every_steps=0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "knn_top1" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in knn] == [0, 150] and all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
+    assert len(losses) == 5 * (8 * 120 // 32)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
+    assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 4 k-NN" in proc.stdout
