@@ -1,0 +1,356 @@
+"""Numba code of the FFCV backend: the decode-once multi-crop Operation and the fused CPU photometric kernel.
+
+Multi-crop decode (:class:`MultiCropDecoder`)
+---------------------------------------------
+FFCV's ``RandomResizedCropRGBImageDecoder`` decodes the JPEG once per pipeline, so 2 + N crop pipelines decode it
+2 + N times. This Operation decodes each image **once** (``ffcv.libffcv.imdecode``, libjpeg-turbo) and cuts every
+crop from it with the C resize of FFCV's ``resize_crop`` (OpenCV ``cv::resize`` with ``INTER_AREA``: pixel-area
+averaging when shrinking, bilinear weights when enlarging; the reference uses bicubic, but cv2 cannot be called from
+numba and this is FFCV's only compiled resize), then flips it with p = ``spec.flip_p``.
+
+Output layout: FFCV gives one output per pipeline, so all crops of one image are packed into one flat uint8 row of
+``2·G² ·3 + N·L²·3`` bytes: the two globals as ``[2, G, G, 3]`` (HWC) followed by the locals as ``[N, L, L, 3]``.
+:func:`unpack` turns the batch ``[B, row]`` into ``[B, 2, G, G, 3]`` and ``[B, N, L, L, 3]`` views without copying.
+
+Randomness: crop boxes and flips use torchvision's RandomResizedCrop.get_params algorithm (as
+``pipelines.torch_loader.sample_resized_crop``) on numba's MT19937, **re-seeded for every image** from
+``(seed, epoch, image index)``. A crop is therefore a pure function of that key: the same with or without numba JIT,
+on any number of threads or ranks, and when a run resumes mid-epoch. The epoch reaches the compiled code through a
+small numpy array read by address each batch (numba freezes captured arrays as compile-time constants).
+
+CPU photometric kernel (:func:`photometric_cpu`)
+-----------------------------------------------
+The batched torch ops of ``pipelines.gpu_augment`` cost ~35 ms per image (2×224 + 8×96) on a 2-core CPU: each op is
+a few memory-bound passes over the whole batch, slower than the baseline loader. On CPU the same explicit per-sample
+parameters are applied by this kernel instead, ~3 ms per image: one crop at a time while it sits in cache, loops
+vectorised over a plane, in parallel over crops. Tests check it against the torch ops, which are themselves checked
+against torchvision.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import replace
+
+import numba
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy, ctypes_resize
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from numba.core import types
+
+from pipelines.spec import MultiCropSpec
+
+_MASK32 = 0xFFFFFFFF
+
+
+@numba.njit(cache=True)
+def _mix32(x: int) -> int:
+    """A 32-bit integer hash (all products stay below 2^63, so it is exact in numba's int64 and in Python)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+@numba.njit(cache=True)
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """The 32-bit RNG seed of image ``index`` in ``epoch`` of a run seeded with ``seed``."""
+    h = _mix32(seed & _MASK32)
+    h = _mix32((h + (epoch & _MASK32)) & _MASK32)
+    return _mix32((h + (index & _MASK32)) & _MASK32)
+
+
+@numba.njit(cache=True)
+def sample_resized_crop(height: int, width: int, scale_lo: float, scale_hi: float, log_ratio_lo: float,
+                        log_ratio_hi: float) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params on ``np.random``: (top, left, h, w); 10 tries, then a central crop.
+
+    Integers are drawn as ``floor(u · n)`` from ``random()`` (not ``randint``) so that numba and NumPy agree.
+    """
+    area = height * width
+    for _ in range(10):
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * np.random.random())
+        aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * np.random.random())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(np.random.random() * (height - h + 1))
+            left = int(np.random.random() * (width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < math.exp(log_ratio_lo):
+        w, h = width, int(round(width / math.exp(log_ratio_lo)))
+    elif in_ratio > math.exp(log_ratio_hi):
+        h, w = height, int(round(height * math.exp(log_ratio_hi)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_layout(spec: MultiCropSpec) -> tuple[np.ndarray, np.ndarray, int]:
+    """(size per crop, byte offset per crop, bytes per image) of the packed uint8 row, crops in order G1, G2, L1.."""
+    sizes = np.array([c.size for c in spec.crops()], dtype=np.int64)
+    nbytes = sizes * sizes * 3
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)
+    return sizes, offsets, int(nbytes.sum())
+
+
+def unpack(rows, spec: MultiCropSpec):
+    """Packed rows ``[B, bytes]`` (numpy or torch) → views ``[B, 2, G, G, 3]`` and ``[B, N, L, L, 3]``."""
+    b, g, n, s = rows.shape[0], spec.global_size, spec.n_local, spec.local_size
+    split = 2 * g * g * 3
+    return rows[:, :split].reshape(b, 2, g, g, 3), rows[:, split:].reshape(b, n, s, s, 3)
+
+
+class CFunction(types.WrapperAddressProtocol):
+    """A C function of FFCV's compiled library as a numba first-class function (also callable from Python).
+
+    Passed as an argument instead of captured as a global, so the numba functions that call it can be cached on
+    disk (numba never caches code holding a ctypes pointer).
+    """
+
+    def __init__(self, cfn, sig):
+        self.cfn, self._sig = cfn, sig
+        self._addr = ctypes.cast(cfn, ctypes.c_void_p).value
+
+    def __wrapper_address__(self) -> int:
+        return self._addr
+
+    def signature(self):
+        return self._sig
+
+    def __call__(self, *args):
+        return self.cfn(*args)
+
+
+_u32, _i64, _ptr = types.uint32, types.int64, types.uintp
+# int imdecode(src*, src_size, src_h, src_w, dst*, crop_h, crop_w, off_x, off_y, scale_num, scale_den, crop?, flip?)
+IMDECODE = CFunction(ctypes_imdecode, types.int32(_ptr, types.uint64, _u32, _u32, _ptr, _u32, _u32, _u32, _u32, _u32,
+                                                  _u32, types.boolean, types.boolean))
+# void resize(0, src*, src_rows, src_cols, row0, row1, col0, col1, dst*, dst_rows, dst_cols): cv::resize INTER_AREA
+RESIZE = CFunction(ctypes_resize, types.void(*[_i64] * 11))
+MEMCPY = CFunction(ctypes_memcopy, types.void(_ptr, _ptr, types.uint64))
+
+
+@numba.njit(cache=True)
+def decode_crops(src, src_size, is_jpeg, height, width, temp, rows, ix, key, sizes, offsets, scale, log_r_lo,
+                 log_r_hi, flip_p, imdecode_fn, resize_fn, memcpy_fn):
+    """Decode image ``ix`` of the batch once (from ``src_size`` bytes at address ``src``) into ``temp[ix]`` and write
+    all its crops into ``rows[ix]``, with the RNG seeded by ``key``.
+
+    The image arrives as an address, and the buffers as whole 2-D batch arrays: ffcv 1.0.2 flips ``mutable`` on
+    numba's interned 1-D uint8 array type when a Loader is built, which corrupts the overload table of any
+    long-lived dispatcher taking such an array (a KeyError when the next Loader compiles).
+    """
+    pixels = height * width * 3
+    buf = temp[ix]
+    if is_jpeg:
+        imdecode_fn(src, np.uint64(src_size), np.uint32(height), np.uint32(width), buf.ctypes.data, np.uint32(height),
+                    np.uint32(width), np.uint32(0), np.uint32(0), np.uint32(1), np.uint32(1), False, False)
+    else:
+        memcpy_fn(src, buf.ctypes.data, np.uint64(pixels))
+    image = buf[:pixels].reshape(height, width, 3)
+    row = rows[ix]
+    np.random.seed(key)
+    for c in range(len(sizes)):
+        top, left, h, w = sample_resized_crop(height, width, scale[c, 0], scale[c, 1], log_r_lo, log_r_hi)
+        size = sizes[c]
+        crop = row[offsets[c]:offsets[c] + size * size * 3].reshape(size, size, 3)
+        resize_fn(np.int64(0), np.int64(image.ctypes.data), np.int64(height), np.int64(width), np.int64(top),
+                  np.int64(top + h), np.int64(left), np.int64(left + w), np.int64(crop.ctypes.data),
+                  np.int64(size), np.int64(size))
+        if np.random.random() < flip_p:
+            crop[:] = crop[:, ::-1].copy()
+
+
+class MultiCropDecoder(Operation):
+    """Decode once, cut 2 global + N local random-resized crops (with flips) into one packed uint8 row per image.
+
+    Args:
+        spec: crop sizes, scales, aspect-ratio range and flip probability.
+        seed: run seed; with the epoch (:meth:`set_epoch`) and the image index it keys each image's RNG.
+    """
+
+    def __init__(self, spec: MultiCropSpec, seed: int):
+        super().__init__()
+        self.spec = spec
+        self.sizes, self.offsets, self.row_bytes = crop_layout(spec)
+        self.scale = np.array([c.scale for c in spec.crops()], dtype=np.float64)
+        self._state = np.array([seed, 0], dtype=np.int64)  # read by address from the compiled code
+
+    def set_epoch(self, epoch: int) -> None:
+        self._state[1] = epoch
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        max_pixels = int(self.metadata["width"].max()) * int(self.metadata["height"].max())
+        u8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=(self.row_bytes,), dtype=u8),
+                (AllocationQuery((self.row_bytes,), u8), AllocationQuery((max_pixels * 3,), u8)))
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        per_image, key_of, copy_c = decode_crops, sample_key, ctypes_memcopy
+        imdecode_fn, resize_fn, memcpy_fn = IMDECODE, RESIZE, MEMCPY  # looked up now: a test may wrap them
+        jpg = IMAGE_MODES["jpg"]
+        state_addr = self._state.ctypes.data
+        sizes, offsets, scale = self.sizes, self.offsets, self.scale
+        log_r_lo, log_r_hi = math.log(self.spec.ratio[0]), math.log(self.spec.ratio[1])
+        flip_p = float(self.spec.flip_p)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            state = np.empty(2, dtype=np.int64)
+            copy_c(state_addr, state.ctypes.data, 16)  # (seed, epoch) as set by the loader before this epoch
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = np.int64(batch_indices[dst_ix])
+                field = metadata[source_ix]
+                data = mem_read(field["data_ptr"], storage_state)
+                per_image(data.ctypes.data, data.size, field["mode"] == jpg, np.int64(field["height"]),
+                          np.int64(field["width"]), temp_storage, destination, dst_ix,
+                          key_of(state[0], state[1], source_ix), sizes, offsets, scale, log_r_lo, log_r_hi, flip_p,
+                          imdecode_fn, resize_fn, memcpy_fn)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+# ---------------------------------------------------------------- CPU photometric kernel (one crop per iteration)
+# Loops run over one plane of a [3, S·S] float32 crop with float32 constants so that LLVM vectorises them.
+
+_F0, _F1, _F2, _F4, _F6 = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(4.0), np.float32(6.0)
+_WR, _WG, _WB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _jitter_op(img, op, f):
+    """One colour-jitter op on a ``[3, P]`` crop in place: 0 brightness, 1 contrast, 2 saturation, 3 hue."""
+    r, g, b = img[0], img[1], img[2]
+    n = r.size
+    f = np.float32(f)
+    if op == 0:
+        for i in range(n):
+            r[i], g[i], b[i] = min(max(f * r[i], _F0), _F1), min(max(f * g[i], _F0), _F1), min(max(f * b[i], _F0), _F1)
+    elif op == 1:  # blend with the mean of the grayscale image
+        acc = 0.0
+        for i in range(n):
+            acc += _WR * r[i] + _WG * g[i] + _WB * b[i]
+        o = (_F1 - f) * np.float32(acc / n)
+        for i in range(n):
+            r[i], g[i], b[i] = min(max(f * r[i] + o, _F0), _F1), min(max(f * g[i] + o, _F0), _F1), \
+                min(max(f * b[i] + o, _F0), _F1)
+    elif op == 2:  # blend with the grayscale pixel
+        for i in range(n):
+            o = (_F1 - f) * (_WR * r[i] + _WG * g[i] + _WB * b[i])
+            r[i], g[i], b[i] = min(max(f * r[i] + o, _F0), _F1), min(max(f * g[i] + o, _F0), _F1), \
+                min(max(f * b[i] + o, _F0), _F1)
+    else:  # hue: the closed form of gpu_augment.adjust_hue, branch-free per pixel
+        shift = _F6 * f
+        for i in range(n):
+            rr, gg, bb = r[i], g[i], b[i]
+            mx, mn = max(rr, max(gg, bb)), min(rr, min(gg, bb))
+            d = mx - mn
+            inv = _F1 / d if d > _F0 else _F0
+            h6 = (gg - bb) * inv if mx == rr else ((_F2 + (bb - rr) * inv) if mx == gg else _F4 + (rr - gg) * inv)
+            h6 += shift
+            r[i] = mx - d * _hue_weight(h6 + np.float32(5.0))
+            g[i] = mx - d * _hue_weight(h6 + np.float32(3.0))
+            b[i] = mx - d * _hue_weight(h6 + _F1)
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _hue_weight(k):
+    """clamp(min(k, 4 − k), 0, 1) with k taken mod 6 (k ∈ (−6, 12) here)."""
+    k = k - _F6 if k >= _F6 else k
+    k = k + _F6 if k < _F0 else k
+    return min(max(min(k, _F4 - k), _F0), _F1)
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _axpy(dst, a, src):
+    for i in range(dst.size):  # contiguous 0-based loop: vectorised
+        dst[i] += a * src[i]
+
+
+@numba.njit(cache=True, fastmath=True)
+def _blur(img, size, sigma, radius, tmp):
+    """Separable Gaussian blur of a ``[3, S·S]`` crop in place, 2·radius + 1 taps, reflect padding (torchvision)."""
+    taps = 2 * radius + 1
+    w = np.empty(taps, dtype=np.float32)
+    total = 0.0
+    for k in range(taps):
+        total += math.exp(-0.5 * ((k - radius) / sigma) ** 2)
+    for k in range(taps):
+        w[k] = math.exp(-0.5 * ((k - radius) / sigma) ** 2) / total
+    inner = size - 2 * radius  # output columns whose taps all fall inside the row
+    for ch in range(3):
+        plane, t = img[ch].reshape(size, size), tmp.reshape(size, size)
+        for y in range(size):  # horizontal
+            row, out = plane[y], t[y]
+            out[:] = _F0
+            if inner > 0:
+                for k in range(taps):
+                    _axpy(out[radius:radius + inner], w[k], row[k:k + inner])
+            for x in range(size):
+                if inner > 0 and radius <= x < size - radius:
+                    continue
+                acc = _F0
+                for k in range(taps):
+                    j = x + k - radius
+                    j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)
+                    acc += w[k] * row[j]
+                out[x] = acc
+        for y in range(size):  # vertical: whole rows, reflected row index
+            out = plane[y]
+            out[:] = _F0
+            for k in range(taps):
+                j = y + k - radius
+                j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)
+                _axpy(out, w[k], t[j])
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def photometric_cpu(src, out, jitter, order, factors, gray, blur_sigma, blur_radius, solarize, threshold,
+                    mean, std):
+    """Photometric augmentation of one crop type, parameters explicit per row (see ``gpu_augment.PhotometricParams``).
+
+    Args:
+        src: uint8 ``[B, C, S, S, 3]`` crops (HWC); row ``r = c·B + b`` is crop c of image b.
+        out: float32 ``[C, B, 3, S, S]``, written with the normalised result.
+        jitter, gray, solarize: bool ``[C·B]``; order: int64 ``[C·B, 4]``; factors: float32 ``[C·B, 4]``
+            (brightness, contrast, saturation, hue); blur_sigma: float32 ``[C·B]``; blur_radius: int64 ``[C·B]``
+            (0 = no blur); threshold: solarize threshold in [0, 1]; mean, std: float32 ``[3]``.
+    """
+    n_img, n_crop, size = src.shape[0], src.shape[1], src.shape[2]
+    for r in numba.prange(n_crop * n_img):
+        c, b = r // n_img, r % n_img
+        img = out[c, b].reshape(3, size * size)
+        pix = src[b, c]
+        for y in range(size):
+            for x in range(size):
+                for ch in range(3):
+                    img[ch, y * size + x] = np.float32(pix[y, x, ch]) / np.float32(255.0)
+        if jitter[r]:
+            for k in range(4):
+                _jitter_op(img, order[r, k], factors[r, order[r, k]])
+        if gray[r]:
+            for i in range(size * size):
+                v = _WR * img[0, i] + _WG * img[1, i] + _WB * img[2, i]
+                img[0, i], img[1, i], img[2, i] = v, v, v
+        if blur_radius[r] > 0:
+            _blur(img, size, blur_sigma[r], blur_radius[r], np.empty(size * size, dtype=np.float32))
+        for ch in range(3):
+            m, inv_s = mean[ch], np.float32(1.0) / std[ch]
+            plane = img[ch]
+            if solarize[r]:
+                for i in range(size * size):
+                    v = plane[i]
+                    plane[i] = ((_F1 - v if v >= threshold else v) - m) * inv_s
+            else:
+                for i in range(size * size):
+                    plane[i] = (plane[i] - m) * inv_s
