@@ -1,0 +1,181 @@
+"""Multi-crop loader benchmark: images/s (one image = all its crops) of every data backend on the same images.
+
+Providers, all built by ``pipelines.build.build_loader`` from a ``DataConfig`` on the same cores and batch size:
+  * ``torch`` the reference augmentation on PIL in DataLoader workers (the baseline);
+  * ``dali``  the DALI graph (``device=cuda``: nvJPEG "mixed" decode and GPU augmentation; else DALI's CPU ops);
+  * ``ffcv``  the folder converted once to a .beton by ``pipelines.convert.convert_folder``, then FFCV's loader.
+A provider that cannot be imported or built is recorded as ``unavailable: <reason>`` instead of stopping the run.
+
+Configs: 2×224 + 8×96 (DINO default) and 2×224 + 10×96 (the paper's best). Each round runs one epoch of every
+provider in turn (so a noisy neighbour hurts all of them alike): the first ``--warmup`` batches are untimed, the
+rest give img/s; the table shows the median over rounds, the spread (min–max), the ratio to the torch baseline,
+and CPU-ms per image (this process's and its workers' CPU time over the epoch: the cost on a machine without idle
+cores). Batches are moved to ``--device`` as the trainer does. Images: ~500×375 JPEGs (``loader_images.py``),
+generated once into ``$DINO_FAST_BENCH_DIR`` (default ``data/bench_images``).
+
+Run from the repo root: ``python -m benchmarks.bench_loaders --quick`` (CPU sanity: ~3 minutes on 2 cores, most
+of it FFCV's one-off conversion and JIT) or e.g.
+``python -m benchmarks.bench_loaders --device cuda --images 4096 --workers 16 --batch-size 64``.
+Writes ``benchmarks/results/loaders_<device-slug>.json`` (or into ``$OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import environment, pick_device, print_table, results_path, write_json
+from benchmarks.loader_images import ensure_benchmark_images
+from dino_fast.config import DataConfig
+from pipelines.folder import DataError, list_images
+
+CONFIGS = {"2x224+8x96": 8, "2x224+10x96": 10}
+BACKENDS = ("torch", "dali", "ffcv")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (DataLoader workers end with their epoch)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def ffcv_file(image_dir: Path, n_images: int, workers: int) -> str:
+    """The benchmark folder as a .beton next to it (converted once; stored at the images' own resolution)."""
+    from pipelines.convert import convert_folder
+
+    dst = image_dir.with_suffix(".beton")
+    if not dst.exists():
+        print(f"converting {n_images} images to {dst} ...", flush=True)
+        convert_folder(image_dir, dst, max_resolution=512, jpeg_quality=90, workers=workers, progress=False)
+    return str(dst)
+
+
+def build(backend: str, cfg: DataConfig, images, device: torch.device, image_dir: Path):
+    """The loader of ``backend``, or the reason it cannot be built (a string)."""
+    from pipelines.build import build_loader
+
+    try:
+        if backend == "ffcv":
+            cfg = replace(cfg, ffcv_path=ffcv_file(image_dir, len(images.files), cfg.num_workers))
+        return build_loader(replace(cfg, backend=backend), device=device, images=images)
+    except Exception as exc:  # an uninstalled or unfinished backend must not stop the other measurements
+        return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def time_epoch(loader, epoch: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(img/s after the first ``warmup`` batches, CPU-ms per image over the whole epoch) for one epoch."""
+    loader.set_epoch(epoch)
+    cpu0, n, n_timed, t0 = cpu_seconds(), 0, 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        crops = [c.to(device, non_blocking=True) for c in batch.crops]  # what the trainer does with a batch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rows = crops[0].shape[0]
+        n += rows
+        if i == warmup - 1:
+            t0 = time.perf_counter()
+        elif i >= warmup:
+            n_timed += rows
+    seconds = time.perf_counter() - t0
+    return n_timed / seconds, (cpu_seconds() - cpu0) * 1e3 / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sanity run: 256 images, 2 rounds")
+    p.add_argument("--images", type=int, default=0, help="benchmark images (default 2048, --quick 256)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers / threads")
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default 64, --quick 32)")
+    p.add_argument("--rounds", type=int, default=0, help="timed epochs per provider (default 5, --quick 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of every epoch")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of torch,dali,ffcv")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/loaders_<device>.json)")
+    args = p.parse_args(argv)
+    n_images = args.images or (256 if args.quick else 2048)
+    batch_size = args.batch_size or (32 if args.quick else 64)
+    rounds = args.rounds or (2 if args.quick else 5)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [b for b in backends if b not in BACKENDS] + [c for c in configs if c not in CONFIGS]
+    if bad:
+        print(f"error: unknown backend or config {', '.join(bad)} (backends: {', '.join(BACKENDS)}; configs: "
+              f"{', '.join(CONFIGS)})", file=sys.stderr)
+        return 2
+    if "torch" not in backends:
+        print("error: --backends must include torch, the baseline the others are compared with", file=sys.stderr)
+        return 2
+    if n_images // batch_size <= args.warmup:
+        print(f"error: {n_images} images give no timed batch at batch size {batch_size} after "
+              f"{args.warmup} warm-up batches: raise --images", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    image_dir = ensure_benchmark_images(n_images)
+    images = list_images(image_dir)
+    print(f"{n_images} images in {image_dir}, batch {batch_size}, {args.workers} workers, device {device}, "
+          f"{rounds} rounds", flush=True)
+
+    results: list[dict[str, Any]] = []
+    for config in configs:
+        cfg = DataConfig(path=str(image_dir), batch_size_per_gpu=batch_size, num_workers=args.workers,
+                         local_crops_number=CONFIGS[config])
+        loaders = {b: build(b, cfg, images, device, image_dir) for b in backends}
+        speeds: dict[str, list[float]] = {b: [] for b in backends}
+        cpu_ms: dict[str, list[float]] = {b: [] for b in backends}
+        for r in range(rounds + 1):  # round 0 warms up caches, JIT and worker start-up: not recorded
+            for b, loader in loaders.items():
+                if isinstance(loader, str):
+                    continue
+                try:
+                    speed, cost = time_epoch(loader, r, args.warmup, device)
+                except Exception as exc:  # a backend that breaks mid-epoch is reported, the others still run
+                    loaders[b] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    print(f"{config}: {b} {loaders[b]}", flush=True)
+                    continue
+                if r > 0:
+                    speeds[b].append(speed)
+                    cpu_ms[b].append(cost)
+            print(f"{config} round {r}: " + ", ".join(f"{b} {v[-1]:.1f} img/s" for b, v in speeds.items() if v),
+                  flush=True)
+        base = statistics.median(speeds["torch"]) if speeds["torch"] else None
+        for b, loader in loaders.items():
+            row: dict[str, Any] = {"config": config, "backend": b}
+            if isinstance(loader, str):
+                row["status"] = loader
+            else:
+                med = statistics.median(speeds[b])
+                row.update(status="ok", img_per_s=med, img_per_s_min=min(speeds[b]), img_per_s_max=max(speeds[b]),
+                           rounds=speeds[b], cpu_ms_per_img=statistics.median(cpu_ms[b]),
+                           vs_torch=med / base if base else None)
+            results.append(row)
+        del loaders
+
+    rows = [[r["config"], r["backend"], r["status"]] + ([r["img_per_s"], f"{r['img_per_s_min']:.1f}–"
+            f"{r['img_per_s_max']:.1f}", r["vs_torch"], r["cpu_ms_per_img"]] if r["status"] == "ok" else [None] * 4)
+            for r in results]
+    print_table(f"multi-crop loaders on {device} ({args.workers} workers, batch {batch_size})",
+                ["config", "backend", "status", "img/s (median)", "min–max", "× torch", "CPU-ms/img"], rows)
+    payload = {"benchmark": "loaders", "env": environment(device), "cpu_count": os.cpu_count(),
+               "settings": {"images": n_images, "batch_size": batch_size, "workers": args.workers, "rounds": rounds,
+                            "warmup_batches": args.warmup, "image_size": "500x375 JPEG q90"},
+               "results": results}
+    print(f"wrote {write_json(payload, results_path('loaders', device, args.out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

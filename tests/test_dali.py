@@ -1,0 +1,360 @@
+"""The DALI loader on DALI's CPU backend: batch contract, sharding and epochs, augmentation rates and geometry,
+seeding, bad files, and a few training steps through the trainer CLI with data.backend=dali."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.dali import AUX_FIELDS, DaliMultiCropLoader, build_pipeline, colour_jitter  # no DALI: a failure
+from pipelines.folder import DataError, ImageList, list_images
+from pipelines.spec import MultiCropSpec
+from pipelines.torch_loader import sample_resized_crop
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+SPEC = MultiCropSpec(global_size=32, local_size=16, n_local=8)
+SIDE = 256  # the coordinate image: R = x, G = y (one level per pixel), B = 200
+
+
+def binomial_ok(hits: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def pixels(crop: torch.Tensor, spec: MultiCropSpec = SPEC) -> np.ndarray:
+    """Normalised [B, 3, S, S] floats back to 0..255 pixel values."""
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return ((crop * std + mean) * 255).numpy()
+
+
+@pytest.fixture(scope="module")
+def coord_images(tmp_path_factory) -> ImageList:
+    """64 entries of one lossless 256×256 image whose colour encodes the position."""
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    rgb = np.stack([xx, yy, np.full_like(xx, 200)], axis=-1).astype(np.uint8)
+    path = tmp_path_factory.mktemp("coord") / "coord.png"
+    Image.fromarray(rgb).save(path)
+    return ImageList([str(path)] * 64, [0] * 64, [], str(path.parent))
+
+
+@pytest.fixture(scope="module")
+def indexed_images(tmp_path_factory) -> ImageList:
+    """50 small distinct PNGs whose label is their index."""
+    root = tmp_path_factory.mktemp("indexed")
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(50):
+        files.append(str(root / f"{i:03d}.png"))
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(files[-1])
+    return ImageList(files, list(range(50)), [], str(root))
+
+
+def epoch_labels(loader: DaliMultiCropLoader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    return [int(x) for batch in loader for x in batch.labels]
+
+
+def test_batches_follow_the_contract(tiny_image_root):
+    images = list_images(tiny_image_root / "train")
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=3)
+    loader = DaliMultiCropLoader(images, spec, 16, 2, 0, 1, 0, CPU)
+    assert len(loader) == loader.steps_per_epoch == len(images.files) // 16
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch
+    kept = [c.clone() for c in batches[0].crops]
+    loader.set_epoch(1)
+    list(loader)  # CPU batches are zero-copy views of DALI's outputs: later runs must not overwrite them
+    assert all(torch.equal(a, b) for a, b in zip(kept, batches[0].crops))
+    lo = [(0 - m) / s for m, s in zip(spec.mean, spec.std)]
+    hi = [(1 - m) / s for m, s in zip(spec.mean, spec.std)]
+    for crops, labels in batches:
+        assert [tuple(c.shape) for c in crops] == [(16, 3, 32, 32)] * 2 + [(16, 3, 16, 16)] * 3
+        assert all(c.dtype == torch.float32 and c.device.type == "cpu" for c in crops)
+        assert labels.dtype == torch.int64 and labels.shape == (16,)
+        assert 0 <= labels.min() and labels.max() < len(images.classes)
+        for c in crops:  # normalised from [0, 1] with the ImageNet mean/std, per channel
+            for ch in range(3):
+                assert lo[ch] - 1e-4 <= c[:, ch].min() and c[:, ch].max() <= hi[ch] + 1e-4
+    assert 0.3 < torch.cat([c.flatten() for c in batches[0].crops]).std() < 3.0
+
+
+def textured(rng: np.random.Generator, side: int, tint) -> np.ndarray:
+    """A smooth random colour field with fine noise, shifted by ``tint``: natural-ish content, uint8 [side, side, 3]."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+    px = np.asarray(coarse, dtype=np.float32) * 0.4 + rng.normal(0, 12, (side, side, 3)) + np.asarray(tint)
+    return np.clip(px, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("b, c, s, h", [(1.3, 1.0, 1.0, 0.0), (1.0, 0.6, 1.0, 0.0), (1.0, 1.4, 1.0, 0.0),
+                                        (1.0, 1.0, 1.2, 0.0), (1.0, 1.0, 0.8, 0.0), (1.0, 1.0, 1.0, 0.05),
+                                        (1.0, 1.0, 1.0, -0.1), (0.7, 1.3, 0.85, -0.08)])
+def test_colour_jitter_maps_torchvision_factors(b, c, s, h):
+    """The graph's colour map against torchvision's adjust_brightness → contrast → saturation → hue with the same
+    factors. Brightness, contrast and saturation are the same formulas (the reference's own uint8 round trip through
+    HSV costs it ~1 level). The hue is a grey-axis rotation standing in for torchvision's HSV shift: it must bring
+    every image closer to torchvision's result than leaving the hue alone does (a wrong sign or unit does not)."""
+    import nvidia.dali.fn as fn
+    import torchvision.transforms.functional as TF
+    from nvidia.dali import pipeline_def
+
+    rng = np.random.default_rng(2)
+    images = [textured(rng, 48, tint) for tint in ([0, 0, 0], [120, 60, 0], [0, 40, 100], [60, 60, 60])]
+
+    def ours(hue: float) -> list[np.ndarray]:
+        @pipeline_def
+        def pipe():
+            x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+            return colour_jitter(x, *[fn.random.uniform(values=[float(v)]) for v in (b, c, s, hue)])
+
+        p = pipe(batch_size=len(images), num_threads=1, device_id=None)
+        p.build()
+        out = p.run()[0]
+        return [np.asarray(out.at(i), dtype=np.float32) for i in range(len(images))]
+
+    refs = [np.asarray(TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+        Image.fromarray(x), b), c), s), h), dtype=np.float32) for x in images]
+    err = np.array([np.abs(o - r).mean() for o, r in zip(ours(h), refs)])
+    if h == 0:
+        assert err.max() < 1.5, err
+    else:
+        unshifted = np.array([np.abs(o - r).mean() for o, r in zip(ours(0.0), refs)])
+        assert (err < unshifted).all(), (err, unshifted)
+        assert err.mean() < (0.95 if abs(h) < 0.08 else 0.8) * unshifted.mean(), (err, unshifted)
+
+
+def test_crop_statistics_match_the_torch_reference(tmp_path):
+    """Per crop type, channel means/stds (colour order, normalisation, jitter), colourfulness and sharpness (blur)
+    of DALI's crops agree with the reference loader's on the same images, within sampling noise."""
+    from pipelines.torch_loader import TorchMultiCropLoader
+
+    rng = np.random.default_rng(0)
+    for i in range(64):  # a warm tint (R > G > B), so that a channel mix-up shows in the means
+        Image.fromarray(textured(rng, 48, [140, 80, 20])).save(tmp_path / f"{i:02d}.png")
+    images = list_images(tmp_path)
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=4)
+
+    def stats(loader) -> dict[str, np.ndarray]:
+        acc: dict[str, list[torch.Tensor]] = {"g1": [], "g2": [], "local": []}
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for crops, _ in loader:
+                for i, c in enumerate(crops):
+                    acc[["g1", "g2"][i] if i < 2 else "local"].append(c)
+        out = {}
+        for k, v in acc.items():
+            x = torch.cat(v)
+            colourful = (x.amax(1) - x.amin(1)).mean()
+            sharp = (x[..., 1:] - x[..., :-1]).abs().mean()
+            out[k] = np.array([*x.mean((0, 2, 3)), *x.std((0, 2, 3)), colourful, sharp])
+        return out
+
+    ref = stats(TorchMultiCropLoader(images, spec, 16, 2, 0, 1, 0))
+    got = stats(DaliMultiCropLoader(images, spec, 16, 2, 0, 1, 0, CPU))
+    for k in ref:
+        assert np.abs(got[k][:3] - ref[k][:3]).max() < 0.3, (k, got[k], ref[k])
+        assert np.abs(got[k][3:6] - ref[k][3:6]).max() < 0.1, (k, got[k], ref[k])
+        assert np.abs(got[k][6:] / ref[k][6:] - 1).max() < 0.25, (k, got[k], ref[k])
+
+
+def test_each_epoch_covers_every_image_once_across_two_shards(indexed_images):
+    full = ImageList(indexed_images.files[:48], indexed_images.labels[:48], [], indexed_images.root)
+    ranks = [DaliMultiCropLoader(full, SPEC, 8, 1, r, 2, 0, CPU) for r in range(2)]
+    assert [r.steps_per_epoch for r in ranks] == [3, 3]
+    for r in ranks:  # callers that stop mid-epoch (all ranks alike): the next epoch must still start clean
+        r.set_epoch(0)
+        next(iter(r))
+    orders = []
+    for epoch in (1, 2):
+        seen = [epoch_labels(r, epoch) for r in ranks]
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(48))
+        orders.append(seen[0])
+    assert orders[0] != orders[1]  # reshuffled every epoch
+
+    # 50 images, 2 ranks, batch 8: 3 steps of 8 each (the shards' last partial batch is dropped) and the dropped
+    # samples and DALI's padding never leak into the next epoch
+    ranks = [DaliMultiCropLoader(indexed_images, SPEC, 8, 1, r, 2, 0, CPU) for r in range(2)]
+    for epoch in range(3):
+        seen = [epoch_labels(r, epoch) for r in ranks]
+        assert [len(s) for s in seen] == [24, 24]
+        assert len(set(seen[0] + seen[1])) == 48
+
+
+def test_resume_skips_start_step_batches(indexed_images):
+    loader = DaliMultiCropLoader(indexed_images, SPEC, 8, 1, 0, 1, 0, CPU)
+    loader.set_epoch(0, start_step=4)
+    assert len(list(loader)) == loader.steps_per_epoch - 4 == 2
+    assert len(epoch_labels(loader, 1)) == 48
+    with pytest.raises(ValueError, match="start_step"):
+        loader.set_epoch(1, start_step=7)
+
+
+def measured_boxes(crop: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(width, height) in source pixels of each crop of the coordinate image: the R (G) slope along x (y) in the
+    crop's middle half, where the resampling filter never reaches past the image border, times the output size."""
+    px = pixels(crop)
+    s = px.shape[-1]
+    mid = slice(s // 4, 3 * s // 4)
+    dx = np.diff(px[:, 0, mid, :], axis=2)[:, :, s // 4: 3 * s // 4 - 1].mean(axis=(1, 2))
+    dy = np.diff(px[:, 1, :, mid], axis=1)[:, s // 4: 3 * s // 4 - 1, :].mean(axis=(1, 2))
+    return dx * s, dy * s
+
+
+def test_crop_areas_and_aspect_ratios_follow_the_reference_scales(coord_images):
+    loader = DaliMultiCropLoader(coord_images, SPEC, 32, 2, 0, 1, 0, CPU, ops=())
+    areas: dict[str, list[np.ndarray]] = {"global": [], "local": []}
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for crops, _ in loader:
+            for i, crop in enumerate(crops):
+                w, h = measured_boxes(crop)
+                assert (w > 0).all() and (h > 0).all()  # no flip without the flip op
+                assert ((w / h > 0.75 * 0.95) & (w / h < 4 / 3 * 1.05)).all()
+                areas["global" if i < 2 else "local"].append(w * h / SIDE**2)
+    gen = torch.Generator().manual_seed(0)
+    for kind, (low, high) in (("global", SPEC.global_scale), ("local", SPEC.local_scale)):
+        a = np.concatenate(areas[kind])
+        assert a.min() > low * 0.93 and a.max() < high * 1.05, (kind, a.min(), a.max())
+        span = high - low
+        assert a.min() < low + 0.15 * span and a.max() > high - 0.15 * span, (kind, a.min(), a.max())
+        # the reference algorithm (torchvision's, with its retries on crops that do not fit) on the same image
+        ref = [h * w / SIDE**2 for h, w in (sample_resized_crop(SIDE, SIDE, (low, high), SPEC.ratio, gen)[2:]
+                                             for _ in range(2000))]
+        for q in (10, 50, 90):
+            assert abs(np.percentile(a, q) - np.percentile(ref, q)) < 0.06 * span, (kind, q)
+
+
+def test_flip_and_grayscale_rates_from_pixels(coord_images):
+    loader = DaliMultiCropLoader(coord_images, SPEC, 64, 2, 0, 1, 0, CPU, ops=("flip", "gray"))
+    flips = grays = n = 0
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for crops, _ in loader:
+            for crop in crops:
+                px = pixels(crop)
+                w, _ = measured_boxes(crop)
+                flips += int((w < 0).sum())  # R (or the grey value) falls along x in a mirrored crop
+                grays += int((np.ptp(px, axis=1).max(axis=(1, 2)) < 1.0).sum())
+                n += crop.shape[0]
+    assert n == 4 * 64 * SPEC.n_crops
+    assert binomial_ok(flips, n, SPEC.flip_p), flips / n
+    assert binomial_ok(grays, n, SPEC.gray_p), grays / n
+
+
+def test_solarize_hits_only_the_second_global_crop_at_its_rate(coord_images):
+    loader = DaliMultiCropLoader(coord_images, SPEC, 64, 2, 0, 1, 0, CPU, ops=("solarize",))
+    hits = np.zeros(SPEC.n_crops, dtype=int)
+    for epoch in range(6):
+        loader.set_epoch(epoch)
+        for crops, _ in loader:
+            for i, crop in enumerate(crops):
+                blue = pixels(crop)[:, 2].mean(axis=(1, 2))
+                assert ((np.abs(blue - 200) < 1) | (np.abs(blue - 55) < 1)).all()  # 200 ≥ 128 inverts to 55
+                hits[i] += int((blue < 128).sum())
+    assert binomial_ok(hits[1], 6 * 64, SPEC.solarize_p[1]), hits
+    assert hits[0] == 0 and hits[2:].sum() == 0
+
+
+def test_blur_and_jitter_draws_have_the_reference_rates(coord_images):
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=4)
+    pipe = build_pipeline(coord_images, spec, 64, 2, 0, 1, 0, CPU, aux=True)
+    draws = np.concatenate([np.array(pipe.run()[-1].as_tensor()) for _ in range(8)])  # [512, n_crops, 6]
+    d = {name: draws[..., i] for i, name in enumerate(AUX_FIELDS)}
+    n = draws.shape[0]
+    blur_p = [spec.blur_p[0], spec.blur_p[1]] + [spec.blur_p[2]] * spec.n_local
+    for i, p in enumerate(blur_p):
+        if p in (0.0, 1.0):
+            assert (d["blur"][:, i] == p).all()
+        else:
+            assert binomial_ok(int(d["blur"][:, i].sum()), n, p), (i, d["blur"][:, i].mean())
+    assert binomial_ok(int(d["jitter"].sum()), d["jitter"].size, spec.jitter_p)
+    assert binomial_ok(int(d["flip"].sum()), d["flip"].size, spec.flip_p)
+    assert binomial_ok(int(d["gray"].sum()), d["gray"].size, spec.gray_p)
+    assert binomial_ok(int(d["solarize"][:, 1].sum()), n, spec.solarize_p[1])
+    assert d["solarize"][:, 0].sum() == 0 and d["solarize"][:, 2:].sum() == 0
+    sigma = d["sigma"][d["blur"] == 1]
+    assert spec.blur_sigma[0] <= sigma.min() < 0.2 and 1.9 < sigma.max() <= spec.blur_sigma[1]
+
+
+def test_blur_flag_drives_the_blur(tmp_path):
+    """Crops of white noise: the ones whose draw says "blurred" with sigma ≥ 1 are far smoother than the rest."""
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    images = ImageList([str(path)] * 64, [0] * 64, [], str(tmp_path))
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=2, local_scale=(0.4, 0.4), global_scale=(0.4, 0.4))
+    pipe = build_pipeline(images, spec, 64, 2, 0, 1, 0, CPU, ops=("blur",), aux=True)
+    out = pipe.run()
+    draws = np.array(out[-1].as_tensor())
+    for i in (2, 3):  # the locals: blurred half of the time
+        crop = np.array(out[i].as_tensor())
+        roughness = np.abs(np.diff(crop, axis=-1)).mean(axis=(1, 2, 3))
+        blurred = (draws[:, i, 3] == 1) & (draws[:, i, 4] >= 1.0)
+        sharp = draws[:, i, 3] == 0
+        assert blurred.any() and sharp.any()
+        assert roughness[blurred].max() < 0.6 * roughness[sharp].min(), i
+
+
+def test_seeds_fix_the_batch_and_ranks_differ(indexed_images):
+    def first(rank: int, seed: int):
+        loader = DaliMultiCropLoader(indexed_images, SPEC, 8, 2, rank, 2, seed, CPU)
+        loader.set_epoch(0)
+        return next(iter(loader))
+
+    a, b, c, d = first(0, 0), first(0, 0), first(1, 0), first(0, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a.crops, b.crops)) and torch.equal(a.labels, b.labels)
+    assert not set(a.labels.tolist()) & set(c.labels.tolist())
+    assert not torch.equal(a.crops[0], d.crops[0])
+
+
+def test_corrupt_files_are_skipped_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"ok{i:02d}.jpg")
+    good = (tmp_path / "ok00.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])  # passes PIL's header check; DALI would die
+    (tmp_path / "garbage.jpg").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not a png")
+    images = list_images(tmp_path)
+    assert len(images.files) == 24
+    with pytest.warns(UserWarning, match=r"skipping 4 of 24 images .*truncated\.jpg"):
+        loader = DaliMultiCropLoader(images, SPEC, 4, 1, 0, 1, 0, CPU)
+    loader.set_epoch(0)
+    assert sum(len(b.labels) for b in loader) == 20
+    only_bad = ImageList([str(tmp_path / "garbage.jpg"), str(tmp_path / "empty.jpg")], [-1, -1], [], str(tmp_path))
+    with pytest.raises(DataError, match="none of the 2 images"):
+        DaliMultiCropLoader(only_bad, SPEC, 1, 1, 0, 1, 0, CPU)
+
+
+def test_too_few_images_for_a_batch_is_a_clear_error(indexed_images):
+    with pytest.raises(DataError, match="fewer than one batch per rank"):
+        DaliMultiCropLoader(indexed_images, SPEC, 32, 1, 0, 2, 0, CPU)
+
+
+def test_trainer_runs_a_few_steps_with_the_dali_backend(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["DINO_FAST_DEMO_DIR"] = str(tmp_path / "demo")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml", "data.path=demo",
+           "data.backend=dali", "data.global_crop_size=64", "data.local_crop_size=32", "data.batch_size_per_gpu=8",
+           "data.demo_images_per_class=8", "data.num_workers=2", "model.depth=1", "optim.max_steps=3",
+           f"checkpoint.output_dir={run}", "logging.progress=plain"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data=dali" in proc.stdout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps][-1] == 3
+    assert all(math.isfinite(m["loss"]) for m in steps)
