@@ -43,6 +43,7 @@ step cuda-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_
   tests/test_gpu_augment.py
 step bench-loss 100 $PY -m benchmarks.bench_loss
 step bench-ema 45 $PY -m benchmarks.bench_ema
+step bench-augment 40 $PY -m benchmarks.bench_augment
 step bench-train 150 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224,vit_base_patch16_224} \
   --modes synthetic --steps 12 --warmup 4
 step train-demo 75 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.max_steps=60 \

@@ -48,7 +48,7 @@ class DataConfig:
     demo_image_size: int = 64  # side of the generated demo images
     demo_images_per_class: int = 300
     ffcv_path: str = ""  # .beton written by dino-fast-convert (data.backend=ffcv)
-    file_list: str = ""  # file list written by dino-fast-convert (data.backend=dali; optional)
+    file_list: str = ""  # "path label" list written by dino-fast-convert: used instead of scanning data.path
 
 
 @dataclass

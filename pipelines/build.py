@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.folder import DataError, ImageList, list_images
+from pipelines.folder import DataError, ImageList, list_images, read_file_list
 from pipelines.spec import MultiCropLoader, MultiCropSpec
 
 
@@ -40,6 +40,8 @@ def build_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0,
         from pipelines.ffcv import FFCVMultiCropLoader
 
         return FFCVMultiCropLoader(data_cfg, spec, rank=rank, world_size=world_size, seed=seed, device=device)
+    if images is None and data_cfg.file_list:  # the checked list dino-fast-convert wrote: no folder scan
+        images = read_file_list(data_cfg.file_list)
     if images is None:
         images = list_images(resolve_data_path(data_cfg, "train"))
     if backend == "torch":

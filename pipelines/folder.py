@@ -62,3 +62,28 @@ def list_images(path: str | Path) -> ImageList:
             f"data path '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)}) directly or in class sub-folders"
         )
     return ImageList(files=files, labels=labels, classes=classes, root=str(root.resolve()))
+
+
+def read_file_list(path: str | Path) -> ImageList:
+    """The ``path label`` list written by ``dino-fast-convert`` (only images that decoded fully), as an ImageList.
+
+    Raises:
+        DataError: the list is missing, empty or malformed.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"file list '{p}' does not exist (dino-fast-convert writes <output>.beton.files.txt)")
+    files, labels = [], []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, _, label = line.rpartition(" ")
+        try:
+            labels.append(int(label))
+        except ValueError:
+            raise DataError(f"file list '{p}' line {n} is not 'path label': {line[:80]!r}") from None
+        files.append(name)
+    if not files:
+        raise DataError(f"file list '{p}' lists no images")
+    n_classes = max(labels) + 1
+    return ImageList(files=files, labels=labels, classes=[str(i) for i in range(n_classes)], root=str(p.parent))

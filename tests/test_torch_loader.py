@@ -113,3 +113,18 @@ def test_build_loader_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="fewer than one batch"):
         build_loader(DataConfig(path=str(tmp_path / "few"), batch_size_per_gpu=4))
     assert list_images(tmp_path / "few").labels == [-1]
+
+
+def test_file_list_replaces_the_folder_scan(tiny_image_root, tmp_path):
+    from dino_fast.config import DataConfig
+
+    images = list_images(tiny_image_root / "train")
+    listing = tmp_path / "x.beton.files.txt"
+    listing.write_text("".join(f"{f} {y}\n" for f, y in list(zip(images.files, images.labels))[::2]))
+    loader = build_loader(DataConfig(path="/nonexistent", file_list=str(listing), batch_size_per_gpu=8,
+                                     global_crop_size=32, local_crop_size=16, local_crops_number=1, num_workers=0))
+    assert loader.steps_per_epoch == 48 // 8
+    assert loader.dataset.images.files == images.files[::2] and loader.dataset.images.labels == images.labels[::2]
+    listing.write_text("no-label-here\n")
+    with pytest.raises(DataError, match="line 1"):
+        build_loader(DataConfig(file_list=str(listing)))
