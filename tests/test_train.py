@@ -120,14 +120,15 @@ def test_missing_and_empty_data_paths_are_clear_errors(tiny_overrides, tmp_path,
 def test_corrupt_image_is_skipped_with_a_warning(tiny_image_root, tiny_overrides, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_image_root / "train", data)
-    victim = sorted((data / "circle").iterdir())[0]
+    first_class = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    victim = sorted(first_class.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
-    (data / "circle" / "notes.jpg").write_text("not an image")
-    (data / "circle" / "empty.png").write_bytes(b"")
+    (first_class / "notes.jpg").write_text("not an image")
+    (first_class / "empty.png").write_bytes(b"")
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         train(load_config(None, tiny_overrides + [f"data.path={data}", "optim.max_steps=12",
                                                   "data.batch_size_per_gpu=8", "checkpoint.every_steps=0"]))
-    assert Image.open(sorted((data / "square").iterdir())[0]).size == (32, 32)
+    assert Image.open(sorted((data / "dots").iterdir())[0]).size == (32, 32)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path, capsys):
@@ -175,12 +176,13 @@ def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_training_lowers_the_loss_and_logs_knn(tmp_path):
-    """The demo recipe, shortened (150 steps): the loss falls, and the run measures the teacher's k-NN on the
-    held-out split at the start and at the end (eval.knn_at_start + eval.knn_every_epochs).
+def test_demo_training_learns_to_predict_the_teacher_and_logs_knn(tmp_path):
+    """The demo recipe, shortened (150 steps): the student learns to predict the teacher (the teacher–student KL
+    halves; the loss falls well below its start before the rising teacher entropy lifts it again), and the run
+    measures the teacher's k-NN on the held-out split at the start and at the end.
 
-    Not asserted: that the k-NN beats the random network's. In runs of this length it does not yet (measured
-    40.5% at init → 23–31% after 30–60 steps on the texture set); see the issue notes.
+    Not asserted: that the k-NN beats the random network's. In runs of this length it does not (measured 40.5% at
+    init → 23–31% after 30–150 steps on the texture set); see the issue notes.
     """
     import json
 
@@ -193,8 +195,13 @@ def test_demo_training_lowers_the_loss_and_logs_knn(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_top1" in r]
-    losses = [r["loss"] for r in records if "loss" in r]
+    steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in knn] == [0, 150] and all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
-    assert len(losses) == 5 * (8 * 120 // 32)
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
+    assert len(steps) == 5 * (8 * 120 // 32)
+
+    def mean(key, a, b):
+        return sum(r[key] for r in steps[a:b]) / (b - a)
+
+    assert mean("teacher_student_kl", -20, len(steps)) < 0.5 * mean("teacher_student_kl", 0, 20)
+    assert min(mean("loss", i, i + 10) for i in range(len(steps) - 10)) < mean("loss", 0, 10) - 0.5
     assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 4 k-NN" in proc.stdout
