@@ -205,3 +205,25 @@ def test_demo_training_learns_to_predict_the_teacher_and_logs_knn(tmp_path):
     assert mean("teacher_student_kl", -20, len(steps)) < 0.5 * mean("teacher_student_kl", 0, 20)
     assert min(mean("loss", i, i + 10) for i in range(len(steps) - 10)) < mean("loss", 0, 10) - 0.5
     assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 4 k-NN" in proc.stdout
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(tiny_overrides, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "term"
+    overrides = [o for o in tiny_overrides if not o.startswith("checkpoint.output_dir")]
+    cmd = [sys.executable, "-m", "dino_fast.train", *overrides, f"checkpoint.output_dir={run}", "optim.epochs=50",
+           "checkpoint.every_steps=0", "logging.progress=plain"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    steps = len(metrics.read_text().splitlines())
+    assert f"stopped by signal {int(signal.SIGTERM)}: {steps} steps" in out
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert torch.load(_ckpt(run, steps) / "dino_state.pt")["global_step"] == steps
