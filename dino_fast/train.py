@@ -195,9 +195,8 @@ def train(cfg: Config) -> dict:
                 it = epoch * steps_per_epoch + pos.step_in_epoch
                 crops = [c.to(device, non_blocking=True) for c in batch.crops]
                 try:
-                    step_metrics = train_step(engine, teacher, dino_loss, ema, crops, epoch=epoch,
-                                                       lr=lr_s[it], wd=wd_s[it], momentum=mom_s[it], cfg=cfg,
-                                                       teacher_ctx=teacher_ctx)
+                    step_metrics = train_step(engine, teacher, dino_loss, ema, crops, epoch=epoch, lr=lr_s[it],
+                                              wd=wd_s[it], momentum=mom_s[it], cfg=cfg, teacher_ctx=teacher_ctx)
                 except NonFiniteLossError as exc:
                     raise NonFiniteLossError(
                         f"loss is {exc} at step {pos.global_step + 1} (epoch {epoch}); stopped before the "
@@ -320,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
+        if torch.distributed.is_initialized():  # a clean exit for NCCL/gloo (the process ends here anyway)
+            torch.distributed.destroy_process_group()
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
