@@ -44,6 +44,10 @@ step cuda-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_
 step bench-loss 100 $PY -m benchmarks.bench_loss
 step bench-ema 45 $PY -m benchmarks.bench_ema
 step bench-augment 40 $PY -m benchmarks.bench_augment
+# The loaders on the GPU machine's 16 cores: DALI's mixed (nvJPEG) mode and FFCV where they are installed; each
+# records "unavailable: ..." where it is not (neither can be carried to the lent machine), the torch loader always runs.
+step bench-loaders 90 $PY -m benchmarks.bench_loaders --device cuda --images 1024 --rounds 2 \
+  --configs 2x224+10x96
 step bench-train 150 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224,vit_base_patch16_224} \
   --modes synthetic --steps 12 --warmup 4
 step train-demo 75 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.max_steps=60 \
