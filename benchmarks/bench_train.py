@@ -122,7 +122,8 @@ class ReferenceStep:
             self.loss_fn = lambda s, t: self.loss(s, t, 0.04)
             self.clip = _reference_clip
             self.cancel = _reference_cancel_last_layer
-            self.describe = "eager pair loop, fp16 autocast + GradScaler, per-param clip/EMA loops"
+            precision = "fp16 autocast + GradScaler" if device.type == "cuda" else "fp32"
+            self.describe = f"eager pair loop, {precision}, per-param clip/EMA loops"
         self.student.to(device).train()
         self.teacher.to(device).eval()
         self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4)
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                          and r.get("provider") == "ours" and "error" not in r), None)
             if ours and ref_ips:
                 ours["speedup_vs_reference"] = ours["img_per_s"] / ref_ips
-    payload = {"benchmark": "train_step", "env": environment(device), "results": results,
+    payload = {"benchmark": "train_step", "env": environment(device), "quick": args.quick, "results": results,
                "mfu_formula": "FlopCounterMode FLOPs of one step (student fwd+bwd all crops, teacher fwd globals, "
                               "loss) / median step time / dense bf16 peak"}
     path = write_json(payload, results_path("train", device, args.out))
