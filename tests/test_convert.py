@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from beton_reader import stored_images
 from PIL import Image
 
 from pipelines.convert import convert_folder, main
@@ -43,20 +44,6 @@ def folder(tmp_path) -> tuple[Path, dict[str, str]]:
     return root, bad
 
 
-def _read_beton(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    data = np.fromfile(path, dtype=np.uint8)
-    table = np.sort(reader.alloc_table, order="ptr")
-    images = []
-    for meta in reader.metadata["f0"]:
-        size = table["size"][np.searchsorted(table["ptr"], meta["data_ptr"])]
-        blob = data[int(meta["data_ptr"]):int(meta["data_ptr"] + size)]
-        images.append(cv2.cvtColor(cv2.imdecode(blob, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
-    return images, reader.metadata["f1"].copy()
-
-
 def test_round_trip_skips_bad_files(folder, tmp_path):
     root, bad = folder
     dst = tmp_path / "out" / "train.beton"
@@ -71,7 +58,7 @@ def test_round_trip_skips_bad_files(folder, tmp_path):
     lines = [ln.rsplit(" ", 1) for ln in Path(s.file_list).read_text().splitlines()]
     assert s.file_list == f"{dst}.files.txt" and len(lines) == 10
     assert all(Path(p).exists() and Path(p).name not in bad for p, _ in lines)
-    images, labels = _read_beton(dst)
+    images, labels = stored_images(dst)
     assert labels.tolist() == [int(lab) for _, lab in lines] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
     for (path, _), img in zip(lines, images):
         with Image.open(path) as im:

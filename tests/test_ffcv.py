@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from beton_reader import stored_images
 from PIL import Image
 
 from dino_fast.config import DataConfig
@@ -126,24 +127,6 @@ def probes(betons, tmp_path_factory):
     return results
 
 
-def _stored_images(beton: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every image of a .beton read independently (JPEGs decoded by cv2), and the labels."""
-    from ffcv.reader import Reader
-
-    reader = Reader(str(beton))
-    data = np.fromfile(beton, dtype=np.uint8)
-    table = np.sort(reader.alloc_table, order="ptr")
-    images = []
-    for meta in reader.metadata["f0"]:
-        size = table["size"][np.searchsorted(table["ptr"], meta["data_ptr"])]
-        blob = data[int(meta["data_ptr"]):int(meta["data_ptr"] + size)]
-        if meta["mode"] == 0:  # jpg
-            images.append(cv2.cvtColor(cv2.imdecode(blob, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
-        else:
-            images.append(blob[:meta["height"] * meta["width"] * 3].reshape(meta["height"], meta["width"], 3))
-    return images, reader.metadata["f1"].copy()
-
-
 def test_decodes_each_image_once_and_crop_geometry(probes):
     res, _ = probes[False]
     assert not res["jit"] and res["steps"] == 6
@@ -181,7 +164,7 @@ def test_crop_content_and_flips_match_an_independent_resize(betons, probes):
     """Crops of the whole central square from raw-stored pixels equal cv2's INTER_AREA resize, possibly mirrored;
     and crops from JPEG storage differ from those from raw storage by JPEG error only."""
     _, arrays = probes[False]
-    images, labels = _stored_images(betons[1])
+    images, labels = stored_images(betons[1])
     order = epoch_indices(24, 3, 0, 0, 1)
     rows, got_labels = arrays["full_rows"].reshape(24, -1), arrays["full_labels"].reshape(24)
     np.testing.assert_array_equal(got_labels, labels[order])
