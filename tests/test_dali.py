@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from child_env import clean_env
 from PIL import Image
 
 from pipelines.dali import AUX_FIELDS, DaliMultiCropLoader, build_pipeline, colour_jitter  # no DALI: a failure
@@ -343,9 +343,7 @@ def test_too_few_images_for_a_batch_is_a_clear_error(indexed_images):
 
 
 def test_trainer_runs_a_few_steps_with_the_dali_backend(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["DINO_FAST_DEMO_DIR"] = str(tmp_path / "demo")
+    env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml", "data.path=demo",
            "data.backend=dali", "data.global_crop_size=64", "data.local_crop_size=32", "data.batch_size_per_gpu=8",

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from beton_reader import stored_images
+from child_env import clean_env
 from PIL import Image
 
 from dino_fast.config import DataConfig
@@ -225,8 +226,7 @@ def test_trainer_runs_a_few_steps_on_ffcv(tmp_path):
            "data.backend=ffcv", f"data.ffcv_path={beton}", f"data.path={train_dir}", "data.global_crop_size=64",
            "data.local_crop_size=32", "data.batch_size_per_gpu=8", "data.num_workers=2", "model.depth=1",
            "optim.max_steps=3", f"checkpoint.output_dir={run}", "logging.progress=plain"]
-    env = {k: v for k, v in _env(jit=True).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                                 "MASTER_PORT")}
+    env = clean_env(_env(jit=True))
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "photometric=numba on cpu" in proc.stdout and "JIT on" in proc.stdout

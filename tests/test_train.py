@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -11,19 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_env import clean_env
 from PIL import Image
 
 from dino_fast.config import load_config
 from dino_fast.train import main, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process, without the one-process group variables an in-process run set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    return {**env, **extra}
 
 
 def _ckpt(run: Path, step: int) -> Path:
