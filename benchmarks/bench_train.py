@@ -88,16 +88,18 @@ def crop_stream(cfg: Config, mode: str, device: torch.device, n_images: int, wor
 
 
 class OursStep:
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, compile: bool = False):
         from dino_fast.train import build_training, init_distributed, resolve_precision
 
         init_distributed()
+        cfg.model.compile = compile
         self.precision = resolve_precision(cfg, device)
         self.cfg = cfg
         self.engine, self.teacher, self.dino_loss, self.ema = build_training(cfg, device, 1, self.precision)
         self.teacher_ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.precision == "bf16"
                             else contextlib.nullcontext)
-        self.describe = (f"DeepSpeed {self.precision}, loss={self.dino_loss.impl}, ema={self.ema.impl}")
+        self.describe = (f"DeepSpeed {self.precision}, loss={self.dino_loss.impl}, ema={self.ema.impl}"
+                         + (", torch.compile backbones" if compile else ""))
 
     def __call__(self, crops: list[torch.Tensor]) -> float:
         from dino_fast.train import train_step
@@ -121,7 +123,8 @@ class ReferenceStep:
             self.loss = ReferenceDINOLoss(cfg.model.out_dim, ncrops, device=device)
             self.loss_fn = lambda s, t: self.loss(s, t, 0.04)
             self.clip = _reference_clip
-            self.cancel = _reference_cancel_last_layer
+            # Epoch 1, as OursStep: past the default one-epoch freeze, both steps update the last layer.
+            self.cancel = lambda model: _reference_cancel_last_layer(model, 1, cfg.optim.freeze_last_layer)
             precision = "fp16 autocast + GradScaler" if device.type == "cuda" else "fp32"
             self.describe = f"eager pair loop, {precision}, per-param clip/EMA loops"
         self.student.to(device).train()
@@ -144,18 +147,36 @@ class ReferenceStep:
 
             init_distributed()
         arch = cfg.model.arch.split("_patch")[0]  # vit_small_patch16_224 → vit_small
-        make = vits.__dict__[arch]
-        s_bb = make(patch_size=16, drop_path_rate=0.1)
-        t_bb = make(patch_size=16)
-        self.student = utils.MultiCropWrapper(s_bb, vits.DINOHead(s_bb.embed_dim, cfg.model.out_dim))
-        self.teacher = utils.MultiCropWrapper(t_bb, vits.DINOHead(t_bb.embed_dim, cfg.model.out_dim))
+        m = cfg.model
+        patch = m.patch_size or int(cfg.model.arch.split("_patch")[1].split("_")[0])
+
+        def make(**kw):  # the repo's vit_* hard-code depth=12: honour model.depth (e.g. --quick's 2) as ours does
+            ctor = vits.VisionTransformer
+            if m.depth:
+                vits.VisionTransformer = lambda **a: ctor(**{**a, "depth": m.depth})
+            try:
+                return vits.__dict__[arch](patch_size=patch, img_size=[cfg.data.global_crop_size], **kw)
+            finally:
+                vits.VisionTransformer = ctor
+
+        def head(embed_dim, norm_last_layer):
+            return vits.DINOHead(embed_dim, m.out_dim, norm_last_layer=norm_last_layer, nlayers=m.head_nlayers,
+                                 hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim)
+
+        s_bb = make(drop_path_rate=m.drop_path_rate)
+        t_bb = make()
+        self.student = utils.MultiCropWrapper(s_bb, head(s_bb.embed_dim, m.norm_last_layer))
+        self.teacher = utils.MultiCropWrapper(t_bb, head(t_bb.embed_dim, True))
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad = False
-        self.loss = main_dino.DINOLoss(cfg.model.out_dim, ncrops, 0.04, 0.04, 0, 100).to(device)
-        self.loss_fn = lambda s, t: self.loss(s, t, 1)
+        d = cfg.dino
+        self.loss = main_dino.DINOLoss(m.out_dim, ncrops, d.warmup_teacher_temp, d.teacher_temp,
+                                       d.warmup_teacher_temp_epochs, cfg.optim.epochs, d.student_temp,
+                                       d.center_momentum).to(device)
+        self.loss_fn = lambda s, t: self.loss(s, t, 1)  # epoch 1, as OursStep
         self.clip = utils.clip_gradients
-        self.cancel = lambda model: utils.cancel_gradients_last_layer(0, model, 1)
+        self.cancel = lambda model: utils.cancel_gradients_last_layer(1, model, cfg.optim.freeze_last_layer)
         self.describe = f"imported from {repo}"
 
     def __call__(self, crops: list[torch.Tensor]) -> float:
@@ -192,7 +213,10 @@ def _reference_clip(model: torch.nn.Module, clip: float) -> None:
                 p.grad.data.mul_(coef)
 
 
-def _reference_cancel_last_layer(model: torch.nn.Module) -> None:
+def _reference_cancel_last_layer(model: torch.nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """The reference's cancel_gradients_last_layer: only during the first ``freeze_last_layer`` epochs."""
+    if epoch >= freeze_last_layer:
+        return
     for n, p in model.named_parameters():
         if "last_layer" in n:
             p.grad = None
@@ -214,17 +238,25 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args) -> dict[str, Any]:
-    step = OursStep(cfg, device) if provider == "ours" else ReferenceStep(cfg, device, args.reference_repo)
+def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
+             flops: float | None = None) -> dict[str, Any]:
+    """Time ``provider`` (ours | ours-compiled | reference). ``flops`` of one step, when known (the compiled step
+    does the same work as ours); else counted on our eager step."""
+    if provider in ("ours", "ours-compiled"):
+        torch._dynamo.reset()  # compile time measured alone, no cache limit carried over from other models
+        step = OursStep(cfg, device, compile=provider == "ours-compiled")
+    else:
+        step = ReferenceStep(cfg, device, args.reference_repo)
     stream = crop_stream(cfg, mode, device, args.images, args.workers)
-    flops = None
+    t_first = time.perf_counter()
     for i in range(args.warmup):
         crops, _ = next(stream)
-        if provider == "ours" and i == 0 and mode == "synthetic":
+        if provider == "ours" and i == 0 and flops is None:
             flops = count_step_flops(step, crops)
         else:
             step(crops)
     sync(device)
+    warmup_s = time.perf_counter() - t_first  # includes torch.compile's compile time for ours-compiled
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, waits = [], []
@@ -242,6 +274,7 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args) 
         "crops": f"2x{cfg.data.global_crop_size}+{cfg.data.local_crops_number}x{cfg.data.local_crop_size}",
         "ms_per_step": 1e3 * med, "p20_ms": 1e3 * times[len(times) // 5], "p80_ms": 1e3 * times[4 * len(times) // 5],
         "img_per_s": b / med, "data_wait_share": sum(waits) / sum(times), "describe": step.describe,
+        "warmup_s": warmup_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if flops:
@@ -263,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--out-dim", type=int, default=65536)
     p.add_argument("--modes", default="synthetic", help="synthetic,torch[,dali,ffcv]")
-    p.add_argument("--providers", default="ours,reference")
+    p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,reference")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--images", type=int, default=2000, help="generated JPEGs for the loader modes")
@@ -272,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="CPU sanity run: ViT-tiny depth 2, 64/32 px, 4 steps")
     p.add_argument("--out", default=None)
+    p.add_argument("--name", default="train", help="results file stem: <name>_<device>.json")
     p.add_argument("--set", nargs="*", default=[], help="extra dino_fast config overrides")
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -283,12 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     rows, results = [], []
     for arch in args.archs.split(","):
         for mode in args.modes.split(","):
-            ref_ips = None
+            ref_ips, flops = None, None
             for provider in args.providers.split(","):
                 cfg = bench_config(arch, args.batch, args.locals, args.global_size, args.local_size, args.out_dim,
                                    device, extra)
                 try:
-                    r = run_case(provider, cfg, mode, device, args)
+                    r = run_case(provider, cfg, mode, device, args, flops)
+                    flops = flops or (r.get("step_tflop", 0) * 1e12 or None)
                 except Exception as exc:  # record and go on: one failing case must not lose the others
                     r = {"provider": provider, "mode": mode, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
                 results.append(r)
@@ -299,19 +334,19 @@ def main(argv: list[str] | None = None) -> None:
                     ref_ips = r["img_per_s"]
                 rows.append([arch, mode, provider, r["img_per_s"], r["ms_per_step"], r["data_wait_share"],
                              r.get("mfu"), r["peak_mem_gib"], r["describe"][:60]])
-            ours = next((r for r in results if r.get("arch") == arch and r.get("mode") == mode
-                         and r.get("provider") == "ours" and "error" not in r), None)
-            if ours and ref_ips:
-                ours["speedup_vs_reference"] = ours["img_per_s"] / ref_ips
+            for r in results:
+                if (r.get("arch") == arch and r.get("mode") == mode and r.get("provider", "").startswith("ours")
+                        and "error" not in r and ref_ips):
+                    r["speedup_vs_reference"] = r["img_per_s"] / ref_ips
     payload = {"benchmark": "train_step", "env": environment(device), "quick": args.quick, "results": results,
                "mfu_formula": "FlopCounterMode FLOPs of one step (student fwd+bwd all crops, teacher fwd globals, "
                               "loss) / median step time / dense bf16 peak"}
-    path = write_json(payload, results_path("train", device, args.out))
+    path = write_json(payload, results_path(args.name, device, args.out))
     print_table(f"DINO train step on {payload['env']['device']} (median of {args.steps})",
                 ["arch", "mode", "provider", "img/s", "ms/step", "data wait", "MFU", "peak GiB", "setup"], rows)
     for r in results:
         if "speedup_vs_reference" in r:
-            print(f"{r['arch']} {r['mode']}: ours / reference = {r['speedup_vs_reference']:.2f}x")
+            print(f"{r['arch']} {r['mode']}: {r['provider']} / reference = {r['speedup_vs_reference']:.2f}x")
     print(f"wrote {path}")
 
 

@@ -6,7 +6,7 @@
 # Packages the GPU machine lacks travel as wheels in .whl/ (make gpu-wheels builds them here: deepspeed and its
 # pure-Python needs); DALI and FFCV cannot travel, so their GPU modes are skipped there and say so.
 #
-#   bash benchmarks/gpu_check.sh            # everything, ~6 minutes on an H100
+#   bash benchmarks/gpu_check.sh            # everything, ~8 minutes on an H100 (steps most telling first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-benchmarks/results}
@@ -37,23 +37,29 @@ step() {  # step NAME TIMEOUT_S CMD...
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
+# Most telling first: a step that runs out of time must not cost the ones before it.
 step env 60 $PY -c "import torch, triton, timm, deepspeed; print(torch.__version__, triton.__version__, \
 timm.__version__, deepspeed.__version__, torch.cuda.get_device_name(0))"
+# The train step: ours eager, ours with torch.compile'd backbones (compile time is reported as warmup_s), reference.
+step bench-train 260 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224,vit_base_patch16_224} \
+  --modes synthetic --providers ours,ours-compiled,reference --steps 12 --warmup 4
+# The demo recipe trained 10x longer than `make demo` (3,000 steps), k-NN every 10 epochs: does it keep learning?
+step train-demo 100 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.epochs=40 \
+  eval.knn_every_epochs=10 data.num_workers=12 checkpoint.output_dir=/tmp/gpu_demo checkpoint.every_steps=0 \
+  logging.progress=plain logging.print_every=250
+cp /tmp/gpu_demo/metrics.jsonl "$OUT_DIR/train_demo_metrics.jsonl" 2>/dev/null
 step cuda-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_dino_loss.py tests/test_ops_ema.py \
   tests/test_gpu_augment.py
-step bench-loss 100 $PY -m benchmarks.bench_loss
-step bench-ema 45 $PY -m benchmarks.bench_ema
 step bench-augment 40 $PY -m benchmarks.bench_augment
-# The loaders on the GPU machine's 16 cores: DALI's mixed (nvJPEG) mode and FFCV where they are installed; each
+step bench-loss 100 $PY -m benchmarks.bench_loss
+# End to end with the baseline torch/PIL loader on the machine's cores (DALI and FFCV cannot be carried there).
+step bench-train-torch 90 $PY -m benchmarks.bench_train --archs vit_small_patch16_224 --modes torch \
+  --providers ours,reference --steps 12 --warmup 3 --images 1000 --workers 14 --name train_torch_loader
+step bench-ema 45 $PY -m benchmarks.bench_ema
+# The loaders on the GPU machine's cores: DALI's mixed (nvJPEG) mode and FFCV where they are installed; each
 # records "unavailable: ..." where it is not (neither can be carried to the lent machine), the torch loader always runs.
 step bench-loaders 90 $PY -m benchmarks.bench_loaders --device cuda --images 1024 --rounds 2 \
   --configs 2x224+10x96
-step bench-train 150 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224,vit_base_patch16_224} \
-  --modes synthetic --steps 12 --warmup 4
-step train-demo 75 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.max_steps=60 \
-  data.num_workers=8 data.batch_size_per_gpu=64 checkpoint.output_dir=/tmp/gpu_demo logging.progress=plain \
-  logging.print_every=20
-cp /tmp/gpu_demo/metrics.jsonl "$OUT_DIR/train_demo_metrics.jsonl" 2>/dev/null
 
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${status[@]}" | tee -a "$LOG"

@@ -67,10 +67,12 @@ def _describe(d: dict, r: dict) -> tuple[str, str, str, str] | None:
     if "loader" in bench and r.get("status") == "ok" and r.get("backend") != "torch":
         return (f"loader {r['backend']} {r['config']}", f"{r['img_per_s']:.0f} img/s", "torch/PIL baseline",
                 f"{r['vs_torch']:.2f}×")
-    if bench == "train_step" and r.get("provider") == "ours" and "speedup_vs_reference" in r:
+    if bench == "train_step" and str(r.get("provider", "")).startswith("ours") and "speedup_vs_reference" in r:
         ref = r["img_per_s"] / r["speedup_vs_reference"]
         mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""
-        return (f"train step {r['arch']} {r['crops']} B={r['batch']} {r['mode']}", f"{r['img_per_s']:.0f} img/s{mfu}",
+        compiled = ", compiled" if r["provider"] == "ours-compiled" else ""
+        return (f"train step {r['arch']} {r['crops']} B={r['batch']} {r['mode']}{compiled}",
+                f"{r['img_per_s']:.0f} img/s{mfu}",
                 f"{ref:.0f} img/s", f"{r['speedup_vs_reference']:.2f}×")
     return None
 

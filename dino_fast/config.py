@@ -32,6 +32,7 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class DataConfig:
     local_crops_number: int = 8
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels (the reference's, for 224 px)
     demo_image_size: int = 64  # side of the generated demo images
     demo_images_per_class: int = 300
     ffcv_path: str = ""  # .beton written by dino-fast-convert (data.backend=ffcv)

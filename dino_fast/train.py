@@ -113,6 +113,11 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
     engine.enable_backward_allreduce = world > 1 or cfg.deepspeed.zero_stage > 0
     teacher.load_state_dict(engine.module.state_dict())
     ema = TeacherEMA(teacher, engine.module, impl=cfg.dino.ema_impl)
+    if cfg.model.compile:
+        # In place (nn.Module.compile): parameter names, checkpoints, the EMA and export are unchanged. Static
+        # shapes: one graph per crop resolution (and per k-NN batch shape), no symbolic sizes in the kernels.
+        engine.module.backbone.compile(dynamic=False)
+        teacher.backbone.compile(dynamic=False)
     return engine, teacher, dino_loss, ema
 
 
@@ -162,6 +167,7 @@ def train(cfg: Config) -> dict:
         progress.info(
             f"dino_fast: {world} rank(s) on {device.type} ({acc.communication_backend_name()}), precision {precision}, "
             f"ZeRO-{cfg.deepspeed.zero_stage}, loss={dino_loss.impl}, ema={ema.impl}, data={cfg.data.backend}, "
+            f"{'compiled backbones, ' if cfg.model.compile else ''}"
             f"{steps_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch {global_batch}, "
             f"output {out_dir.resolve()}"
             + (f", resumed from {resume_from}" if resume_from else "")

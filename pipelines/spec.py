@@ -91,11 +91,12 @@ class MultiCropSpec:
 
     @classmethod
     def from_config(cls, data_cfg) -> MultiCropSpec:
-        """Build from a :class:`dino_fast.config.DataConfig` (sizes, number of locals, scales)."""
+        """Build from a :class:`dino_fast.config.DataConfig` (sizes, number of locals, scales, blur σ)."""
         return cls(
             global_size=data_cfg.global_crop_size,
             local_size=data_cfg.local_crop_size,
             n_local=data_cfg.local_crops_number,
             global_scale=tuple(data_cfg.global_crops_scale),
             local_scale=tuple(data_cfg.local_crops_scale),
+            blur_sigma=tuple(data_cfg.blur_sigma),
         )

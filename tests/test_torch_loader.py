@@ -128,3 +128,21 @@ def test_file_list_replaces_the_folder_scan(tiny_image_root, tmp_path):
     listing.write_text("no-label-here\n")
     with pytest.raises(DataError, match="line 1"):
         build_loader(DataConfig(file_list=str(listing)))
+
+
+def test_data_config_reaches_the_spec_and_blur_sigma_takes_effect():
+    from dino_fast.config import load_config
+    from pipelines.torch_loader import augment_crop
+
+    cfg = load_config(None, ["data.global_crop_size=32", "data.local_crop_size=16", "data.local_crops_number=3",
+                             "data.global_crops_scale=[0.5,1]", "data.local_crops_scale=[0.1,0.3]",
+                             "data.blur_sigma=[0.1,0.6]"])
+    spec = MultiCropSpec.from_config(cfg.data)
+    assert (spec.global_size, spec.local_size, spec.n_local) == (32, 16, 3)
+    assert spec.global_scale == (0.5, 1.0) and spec.local_scale == (0.1, 0.3) and spec.blur_sigma == (0.1, 0.6)
+    # G1 is always blurred: with equal draws, a narrower σ range keeps more of a sharp image's detail.
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    g1 = spec.crops()[0]
+    sharp = augment_crop(img, g1, spec, sample_generator(0, 0, 0))
+    blurred = augment_crop(img, g1, MultiCropSpec(global_size=32, global_scale=(0.5, 1.0)), sample_generator(0, 0, 0))
+    assert sharp.std() > 1.2 * blurred.std()

@@ -220,3 +220,24 @@ def test_sigterm_finishes_the_step_and_checkpoints(tiny_overrides, tmp_path):
     assert f"stopped by signal {int(signal.SIGTERM)}: {steps} steps" in out
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     assert torch.load(_ckpt(run, steps) / "dino_state.pt")["global_step"] == steps
+
+
+def test_compiled_backbones_follow_the_eager_run(tiny_overrides, tmp_path):
+    """model.compile=true (torch.compile in place, inductor on CPU here) trains to the same weights as eager, and
+    its checkpoints keep the parameter names (resume, EMA and export read them)."""
+    common = tiny_overrides + ["optim.max_steps=2", "optim.warmup_epochs=0", "checkpoint.every_steps=0",
+                               "model.drop_path_rate=0"]
+    from torch._dynamo.utils import counters
+
+    states, graphs = {}, {}
+    for flag in ("false", "true"):
+        run = tmp_path / f"compile_{flag}"
+        before = counters["stats"]["unique_graphs"]
+        train(load_config(None, common + [f"checkpoint.output_dir={run}", f"model.compile={flag}"]))
+        graphs[flag] = counters["stats"]["unique_graphs"] - before
+        states[flag] = (_student_state(_ckpt(run, 2)), torch.load(_ckpt(run, 2) / "teacher.pt"))
+    assert graphs["false"] == 0 and graphs["true"] >= 2  # one per crop resolution at least
+    for eager, compiled in zip(states["false"], states["true"]):
+        assert compiled.keys() == eager.keys()
+        for k, v in eager.items():
+            torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-5, msg=k)
