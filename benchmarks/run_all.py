@@ -45,7 +45,7 @@ def summary_rows() -> list[tuple[str, str, str, str, str, str]]:
         d = json.loads(path.read_text())
         env = _env(d)
         device, date = env.get("device", "?"), str(env.get("date", "?"))[:10]
-        for r in d.get("results", []):
+        for r in d.get("results") or [{}]:  # a benchmark of one measurement has no list
             piece = _describe(d, r)
             if piece is None:
                 continue
@@ -67,6 +67,11 @@ def _describe(d: dict, r: dict) -> tuple[str, str, str, str] | None:
     if "loader" in bench and r.get("status") == "ok" and r.get("backend") != "torch":
         return (f"loader {r['backend']} {r['config']}", f"{r['img_per_s']:.0f} img/s", "torch/PIL baseline",
                 f"{r['vs_torch']:.2f}×")
+    if bench == "augment" and "speedup_vs_one_reference_core" in d:
+        ref = 1e3 / d["reference_ms_per_img_one_core"]
+        return (f"photometric augmentation, batched on the device, {d['crops']} B={d['batch']}",
+                f"{d['img_per_s']:.0f} img/s", f"{ref:.1f} img/s (PIL, 1 core)",
+                f"{d['speedup_vs_one_reference_core']:.0f}×")
     if bench == "train_step" and str(r.get("provider", "")).startswith("ours") and "speedup_vs_reference" in r:
         ref = r["img_per_s"] / r["speedup_vs_reference"]
         mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""

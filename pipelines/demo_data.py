@@ -1,8 +1,9 @@
-"""The embedded demo dataset: small JPEGs of procedurally drawn shapes, generated deterministically (no download).
+"""The embedded demo dataset: small JPEGs of procedurally drawn textures, generated deterministically (no download).
 
-Eight texture classes (horizontal, vertical and two diagonal stripe directions, checkerboard, dots, grid, rings),
-each drawn with random near-grey levels, period, phase and noise, so that a class is a structure rather than a
-colour or brightness; a k-NN on the held-out split measures whether the network learnt to see it.
+Eight texture classes (horizontal, vertical and diagonal stripes, crosshatch, checkerboard, dots, grid, rings), each
+drawn with random grey levels, period, phase and noise, so that a class is a structure rather than a colour or
+brightness; a k-NN on the held-out split measures whether the network learnt to see it. A random ViT scores ~55%
+(chance 12.5%); the demo recipe reaches ~68% in 300 CPU steps and 99–100% in 750–1,500 GPU steps.
 Layout: ``<root>/train/<class>/*.jpg`` and ``<root>/val/<class>/*.jpg`` (held-out split).
 """
 
@@ -15,19 +16,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("hstripes", "vstripes", "diag_up", "diag_down", "checker", "dots", "grid", "rings")
-VERSION = 4
+CLASSES = ("hstripes", "vstripes", "diagonal", "crosshatch", "checker", "dots", "grid", "rings")
+VERSION = 5
 
 
 def _draw(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """A full-frame texture of class ``cls``: random colours, period, phase and noise, so that every crop of the
+    """A full-frame texture of class ``cls``: random levels, period, phase and noise, so that every crop of the
     image still shows its class (DINO's local crops cover 5–40 % of it) and colour says nothing about the class."""
-    # Near-grey colours: every crop of an image shares them, so vivid random colours would be the easiest thing for
-    # self-distillation to latch on to, and they say nothing about the class.
-    level = rng.uniform(0, 100)
-    bg = level + rng.uniform(-15, 15, 3)
-    fg = level + rng.uniform(90, 155) + rng.uniform(-15, 15, 3)
-    period = rng.uniform(8, 11)  # a narrow range: a per-image period shared by all crops is a shortcut too
+    # What two crops of one image share is what self-distillation learns. So the per-image nuisances are kept
+    # small (grey levels, contrast, period): vivid random colours or brightness would be an easier shared signal
+    # than the texture. And no class is the mirror image of another: the horizontal flip augmentation teaches
+    # flip invariance, so "diagonal" holds both directions rather than being two classes a flip confuses.
+    bg = rng.uniform(50, 80) + rng.uniform(-6, 6, 3)
+    fg = bg + rng.uniform(110, 140) + rng.uniform(-6, 6, 3)
+    period = rng.uniform(8, 11)
     phase = rng.uniform(0, period, 2)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     y, x = yy + phase[0], xx + phase[1]
@@ -39,10 +41,11 @@ def _draw(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
         mask = band(y)
     elif cls == "vstripes":
         mask = band(x)
-    elif cls == "diag_up":
-        mask = band((x + y) / np.sqrt(2))
-    elif cls == "diag_down":
-        mask = band((x - y + size) / np.sqrt(2))
+    elif cls == "diagonal":
+        mask = band((x + rng.choice([-1, 1]) * y + size) / np.sqrt(2))
+    elif cls == "crosshatch":
+        thin = period / 4
+        mask = (((x + y) / np.sqrt(2)) % period < thin) | (((x - y + size) / np.sqrt(2)) % period < thin)
     elif cls == "checker":
         mask = band(x) ^ band(y)
     elif cls == "dots":

@@ -169,35 +169,35 @@ def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_training_learns_to_predict_the_teacher_and_logs_knn(tmp_path):
-    """The demo recipe, shortened (150 steps): the student learns to predict the teacher (the teacher–student KL
-    halves; the loss falls well below its start before the rising teacher entropy lifts it again), and the run
-    measures the teacher's k-NN on the held-out split at the start and at the end.
+def test_demo_recipe_beats_the_random_network_at_knn(tmp_path):
+    """The shipped demo recipe, as `make demo` runs it (300 steps on 2,400 textures): the teacher's k-NN on the
+    held-out split ends well above the random network's (measured: 55.25% → 68.5%), the student learns to predict
+    the teacher (the loss falls well below its start), and both k-NN measurements are logged.
 
-    Not asserted: that the k-NN beats the random network's. In runs of this length it does not (measured 40.5% at
-    init → 23–31% after 30–150 steps on the texture set); see the issue notes.
+    In this short run the head's outputs then flatten toward uniform (the collapse warning fires) while the
+    backbone keeps improving; trained 12 epochs on a GPU the k-NN reaches 95%, 40 epochs 100%
+    (benchmarks/results/demo_recipe_h100/).
     """
     import json
 
     env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml",
-           f"checkpoint.output_dir={run}", "data.demo_images_per_class=120", "optim.epochs=5", "logging.progress=plain",
-           "eval.knn_at_start=true", "eval.knn_every_epochs=5", "checkpoint.every_steps=0"]
+           f"checkpoint.output_dir={run}", "logging.progress=plain", "checkpoint.every_steps=0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_top1" in r]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in knn] == [0, 150] and all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
-    assert len(steps) == 5 * (8 * 120 // 32)
+    assert [r["step"] for r in knn] == [0, 300] and all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
+    assert len(steps) == 300
+    assert knn[1]["knn_top1"] >= knn[0]["knn_top1"] + 5, knn  # 8 classes, 400 held-out images
 
     def mean(key, a, b):
         return sum(r[key] for r in steps[a:b]) / (b - a)
 
-    assert mean("teacher_student_kl", -20, len(steps)) < 0.5 * mean("teacher_student_kl", 0, 20)
-    assert min(mean("loss", i, i + 10) for i in range(len(steps) - 10)) < mean("loss", 0, 10) - 0.5
-    assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 4 k-NN" in proc.stdout
+    assert min(mean("loss", i, i + 10) for i in range(len(steps) - 10)) < mean("loss", 0, 10) - 1.0
+    assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 3 k-NN" in proc.stdout
 
 
 def test_sigterm_finishes_the_step_and_checkpoints(tiny_overrides, tmp_path):
