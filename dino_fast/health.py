@@ -138,17 +138,20 @@ def collapse_warning(entropy: float, loss: float, k: int, *, batch_entropy: floa
 
 class CollapseDetector:
     """Stateful wrapper of :func:`collapse_warning` for a progress display: warns once when the same collapse
-    condition held on ``patience`` consecutive checks, stays quiet while it persists, re-arms after recovery.
+    condition held on ``patience`` consecutive checks, stays quiet while it persists, and re-arms only after
+    ``rearm`` consecutive healthy checks (a loss hovering at the threshold is one episode, not a warning per step).
 
     Args:
         k: number of prototypes (model.out_dim).
         warmup_steps: no uniform-collapse warning before this step (e.g. the lr warm-up length).
         patience: consecutive collapsed checks before warning (1 = warn at once).
+        rearm: consecutive healthy checks that end an episode.
     """
 
-    def __init__(self, k: int, warmup_steps: int = 0, patience: int = 3):
-        self.k, self.warmup_steps, self.patience = k, warmup_steps, max(1, patience)
+    def __init__(self, k: int, warmup_steps: int = 0, patience: int = 3, rearm: int = 50):
+        self.k, self.warmup_steps, self.patience, self.rearm = k, warmup_steps, max(1, patience), max(1, rearm)
         self.streak = 0
+        self.healthy = 0
         self.warned = False
 
     def update(self, step: int, entropy: float, loss: float, batch_entropy: float | None = None) -> str | None:
@@ -156,8 +159,12 @@ class CollapseDetector:
         message = collapse_warning(entropy, loss, self.k, batch_entropy=batch_entropy, step=step,
                                    warmup_steps=self.warmup_steps)
         if message is None:
-            self.streak, self.warned = 0, False
+            self.streak = 0
+            self.healthy += 1
+            if self.healthy >= self.rearm:
+                self.warned = False
             return None
+        self.healthy = 0
         self.streak += 1
         if self.streak >= self.patience and not self.warned:
             self.warned = True

@@ -137,10 +137,12 @@ def test_healthy_run_stays_quiet():
         assert detector.update(step, m["teacher_entropy"], loss, m["teacher_batch_entropy"]) is None
 
 
-def test_detector_rearms_after_recovery():
+def test_detector_rearms_after_a_lasting_recovery():
     k = 100
-    detector = health.CollapseDetector(k, patience=1)
-    flat = (math.log(k), math.log(k))
+    detector = health.CollapseDetector(k, patience=1, rearm=3)
+    flat, healthy = (math.log(k), math.log(k)), (2.0, 3.0)
     assert detector.update(1, *flat) is not None
-    assert detector.update(2, 2.0, 3.0) is None  # healthy again
-    assert detector.update(3, *flat) is not None  # a new episode warns again
+    assert [detector.update(s, *healthy) for s in (2, 3)] == [None, None]
+    assert detector.update(4, *flat) is None  # flickering around the threshold: still the same episode
+    assert [detector.update(s, *healthy) for s in (5, 6, 7)] == [None, None, None]  # healthy for `rearm` checks
+    assert detector.update(8, *flat) is not None  # a new episode warns again
