@@ -131,7 +131,8 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
     files, labels = images.files[rank::world_size], images.labels[rank::world_size]
     loader = DataLoader(_EvalImages(files, labels, resize, crop), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        generator=torch.Generator())  # an evaluation mid-training must not move the global RNG
     dtype = next(backbone.parameters()).dtype
     was_training = backbone.training
     backbone.eval()

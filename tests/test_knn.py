@@ -125,6 +125,16 @@ def test_extract_features_matches_manual_transform(tiny_folders):
         torch.testing.assert_close(feats[i], want[0], atol=2e-5, rtol=0)
 
 
+def test_extract_features_leaves_the_global_rng_alone(tiny_folders):
+    """Periodic k-NN runs mid-training: drawing from the global RNG would shift the student's drop-path noise, so
+    a run with k-NN every epoch would not follow the trajectory of one without."""
+    train, _ = tiny_folders
+    model = _tiny_vit()
+    before = torch.get_rng_state()
+    extract_features(model, train, resize=40, crop=32, batch_size=5, num_workers=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_extract_features_reports_corrupt_image(tmp_path):
     (tmp_path / "a").mkdir()
     Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "a" / "ok.png")
