@@ -260,6 +260,8 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1"),
         (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
          "crop scales must lie in (0, 1]"),
+        (0 < cfg.data.blur_sigma[0] <= cfg.data.blur_sigma[1],
+         "data.blur_sigma must be [low, high] with 0 < low ≤ high (pixels)"),
     ]
     for ok, message in checks:
         if not ok:

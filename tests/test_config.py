@@ -37,6 +37,8 @@ def test_overrides_are_type_checked_and_applied():
         ("deepspeed.zero_stage=3", "zero_stage"),
         ("optim=1", "optim"),
         ("optim.lr", "key=value"),
+        ("data.blur_sigma=[2,0.1]", "data.blur_sigma"),
+        ("data.blur_sigma=[0,1]", "data.blur_sigma"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):
