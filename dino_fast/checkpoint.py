@@ -11,16 +11,23 @@ Layout of ``<output_dir>/checkpoints/``::
         config.yaml           the resolved run config
     latest                    the tag of the newest complete checkpoint
 
-A checkpoint is written into ``.tmp/<tag>`` and renamed into place by rank 0 after a barrier, and ``latest`` is
-replaced atomically afterwards: a crash mid-write leaves the previous checkpoint as the newest one.
+A checkpoint is written into ``.tmp/<tag>``, flushed to disk (fsync of every file, then of the folders), and
+renamed into place by rank 0 after a barrier; ``latest`` is replaced atomically afterwards. A crash mid-write, or a
+machine that loses power after the rename, leaves the previous checkpoint as the newest complete one.
+
+Resuming (``checkpoint.resume=auto``) takes the newest checkpoint whose files all read back whole; one that does not
+(a truncated or zero-length file) is renamed ``<tag>.corrupt`` with a warning and the one before it is used. A
+checkpoint written with another model shape or another global batch is refused with a message naming the keys.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dino_fast.config import Config, save_config
+from dino_fast.config import Config, save_config, to_dict
+from dino_fast.dist import any_rank, barrier, rank, world_size
+
+TAG = re.compile(r"step_\d{8}")
 
 
 @dataclass
@@ -36,15 +46,6 @@ class TrainPosition:
     epoch: int  # the epoch to run next
     step_in_epoch: int  # batches of that epoch already done
     global_step: int  # optimizer steps done in total
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _rng_state() -> dict:
@@ -73,19 +74,113 @@ def teacher_fingerprint(teacher: torch.nn.Module, center: torch.Tensor) -> torch
 
 
 def _check_ranks_agree(fingerprint: torch.Tensor) -> None:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
-    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    gathered = [torch.empty_like(fingerprint) for _ in range(world_size())]
     dist.all_gather(gathered, fingerprint)
     bad = [r for r, f in enumerate(gathered) if not torch.equal(f, gathered[0])]
-    if bad and _rank() == 0:
+    if bad and rank() == 0:
         warnings.warn(f"teacher/center differ between rank 0 and ranks {bad}: the ranks have diverged", stacklevel=3)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk: a rename alone survives a process crash, not a
+    machine that loses power before the page cache is written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+        _fsync(d)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed (unreadable, or written by a run of another shape); the message says why."""
+
+
+def unreadable_file(folder: Path) -> str | None:
+    """The first problem with checkpoint ``folder`` ("teacher.pt: truncated ..."), or None when every file reads
+    back whole: each ``.pt`` (a zip archive, torch's format) is checked member by member against its CRC."""
+    for name in ("dino_state.pt", "teacher.pt", "config.yaml"):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # truncated, zero-length, unreadable
+            return f"{f.name}: {type(exc).__name__}: {exc}"
+        if bad is not None:
+            return f"{f.name}: member {bad} fails its CRC check"
+    return None
+
+
+# Keys whose change alters the shapes of the saved weights and optimizer state: such a checkpoint cannot be loaded.
+SHAPE_KEYS = ("model.arch", "model.patch_size", "model.depth", "model.out_dim", "model.norm_last_layer",
+              "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_nlayers", "data.global_crop_size",
+              "deepspeed.zero_stage")
+
+
+def _flat(tree: dict) -> dict:
+    """``{"model": {"arch": ...}, "seed": 0}`` → ``{"model.arch": ..., "seed": 0}``."""
+    out = {}
+    for section, values in tree.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def check_resumable(folder: Path, cfg: Config, world_size: int, steps_per_epoch: int) -> None:
+    """Refuse, with the keys and what to do, a checkpoint this run cannot continue: another model shape (the weights
+    would not load) or another global batch (the position and the per-iteration schedules would not carry over).
+
+    Raises:
+        CheckpointError: naming the differing keys, the checkpoint's values and this run's.
+    """
+    import yaml
+
+    # Compared as plain values, so a checkpoint of an older version with keys since renamed still reads.
+    saved, now = _flat(yaml.safe_load((folder / "config.yaml").read_text()) or {}), _flat(to_dict(cfg))
+    differ = [k for k in SHAPE_KEYS if saved.get(k) != now.get(k)]
+    fresh = "or start a new run: checkpoint.resume=none, or another checkpoint.output_dir"
+    if differ:
+        pairs = ", ".join(f"{k}={saved.get(k)!r} (this run: {now.get(k)!r})" for k in differ)
+        raise CheckpointError(f"checkpoint '{folder}' was written by a model of another shape: {pairs}. Resume with "
+                              f"the checkpoint's settings (its config.yaml), {fresh}")
+    state = torch.load(folder / "dino_state.pt", map_location="cpu")
+    saved_world = state.get("world_size")  # absent in checkpoints written before it was recorded
+    if saved_world is not None:
+        per_gpu = saved["data.batch_size_per_gpu"]
+        saved_batch, batch = per_gpu * saved_world, cfg.data.batch_size_per_gpu * world_size
+        if saved_batch != batch:
+            keep = (f"set data.batch_size_per_gpu={saved_batch // world_size} to keep it"
+                    if saved_batch % world_size == 0 else f"use a rank count dividing {saved_batch} to keep it")
+            raise CheckpointError(
+                f"checkpoint '{folder}' was written with a global batch of {saved_batch} ({saved_world} rank(s) × "
+                f"data.batch_size_per_gpu={per_gpu}); this run has {batch} ({world_size} × "
+                f"{cfg.data.batch_size_per_gpu}): the position and the per-step schedules do not carry over; {keep}, "
+                f"{fresh}")
+        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+            warnings.warn(f"the dataset changed since checkpoint '{folder}': {state['steps_per_epoch']} steps per "
+                          f"epoch then, {steps_per_epoch} now; the schedules are stretched to the new length",
+                          stacklevel=2)
 
 
 class Checkpointer:
@@ -94,39 +189,49 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save(self, engine, teacher: torch.nn.Module, dino_loss: torch.nn.Module, pos: TrainPosition,
-             cfg: Config) -> Path:
+             cfg: Config, steps_per_epoch: int | None = None) -> Path:
         """Write a checkpoint on every rank (collective: all ranks must call it)."""
         tag = f"step_{pos.global_step:08d}"
         tmp_root = self.root / ".tmp"
-        rank = _rank()
-        if rank == 0:
+        me = rank()
+        if me == 0:
             shutil.rmtree(tmp_root / tag, ignore_errors=True)
             tmp_root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"global_step": pos.global_step},
                                save_latest=False)
         tmp = tmp_root / tag
         fingerprint = teacher_fingerprint(teacher, dino_loss.center)
-        torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu()}, tmp / f"rank{rank}_state.pt")
+        torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu()}, tmp / f"rank{me}_state.pt")
         _check_ranks_agree(fingerprint)
-        if rank == 0:
+        if me == 0:
             torch.save(teacher.state_dict(), tmp / "teacher.pt")
             torch.save({"center": dino_loss.center.detach().cpu(), "epoch": pos.epoch,
-                        "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step}, tmp / "dino_state.pt")
+                        "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step, "world_size": world_size(),
+                        "steps_per_epoch": steps_per_epoch}, tmp / "dino_state.pt")
             save_config(cfg, tmp / "config.yaml")
-        _barrier()
+        barrier()
+        _fsync_tree(tmp)  # every rank: on a shared filesystem each flushes what it wrote
+        barrier()
         final = self.root / tag
-        if rank == 0:
+        if me == 0:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync(self.root)
             _atomic_write_text(self.root / "latest", tag + "\n")
             self._prune()
-        _barrier()
+        barrier()
         return final
 
+    def tags(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first (``.corrupt`` ones and ``.tmp`` excluded)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and TAG.fullmatch(p.name))
+
     def _prune(self) -> None:
-        tags = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        tags = self.tags()
         for old in tags[: max(0, len(tags) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -138,15 +243,41 @@ class Checkpointer:
         return path if path.is_dir() else None
 
     def resolve(self, resume: str) -> Path | None:
-        """``auto`` → newest checkpoint or None; ``none`` → None; else a checkpoint folder that must exist."""
+        """``auto`` → the newest checkpoint that reads back whole, or None when there is none; ``none`` → None; else
+        a checkpoint folder that must exist and read back whole (collective under torch.distributed).
+
+        With ``auto``, a newer checkpoint that does not read back is renamed ``<tag>.corrupt`` (kept, not deleted)
+        with a warning naming the bad file. Raises CheckpointError when checkpoints exist but none reads back, or
+        when the folder given is unreadable.
+        """
         if resume in ("", "none"):
             return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not (path / "dino_state.pt").exists():
-            raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a dino_fast checkpoint folder")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            if not (path / "dino_state.pt").exists():
+                raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a dino_fast checkpoint folder")
+            problem = unreadable_file(path)
+            if any_rank(problem is not None)[0]:
+                raise CheckpointError(f"checkpoint '{path}' cannot be read back ({problem or 'on another rank'}); "
+                                      f"pick another one or set checkpoint.resume=auto")
+            return path
+        latest = self.latest()
+        candidates = [p for p in reversed(self.tags()) if latest is None or p.name <= latest.name]
+        for i, path in enumerate(candidates):
+            problem = unreadable_file(path)
+            if not any_rank(problem is not None)[0]:
+                return path
+            barrier()
+            if rank() == 0:
+                then = f", resuming from {candidates[i + 1].name} instead" if i + 1 < len(candidates) else ""
+                warnings.warn(f"checkpoint '{path}' cannot be read back ({problem or 'on another rank'}); moved to "
+                              f"'{path.name}.corrupt'{then}", stacklevel=2)
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            barrier()
+        if candidates:
+            raise CheckpointError(f"no checkpoint in '{self.root}' reads back whole (moved to *.corrupt); set "
+                                  f"checkpoint.resume=none to start over or point checkpoint.resume at a good one")
+        return None
 
     @staticmethod
     def load(path: Path, engine, teacher: torch.nn.Module, dino_loss: torch.nn.Module) -> TrainPosition:
@@ -159,7 +290,7 @@ class Checkpointer:
         teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))
         state = torch.load(path / "dino_state.pt", map_location=device)
         dino_loss.center.copy_(state["center"])
-        rank_file = path / f"rank{_rank()}_state.pt"
+        rank_file = path / f"rank{rank()}_state.pt"
         if rank_file.exists():  # absent when resuming with more ranks than saved: fresh RNG on the new ranks
             _set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
         return TrainPosition(state["epoch"], state["step_in_epoch"], state["global_step"])

@@ -32,6 +32,7 @@ from dino_fast.export import CheckpointError, load_exported, read_checkpoint, sp
 from dino_fast.models import build_backbone
 from pipelines.folder import DataError, ImageList, list_images
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.workers import ignore_interrupts
 
 DEFAULT_K = (10, 20, 100, 200)
 
@@ -131,7 +132,7 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
     files, labels = images.files[rank::world_size], images.labels[rank::world_size]
     loader = DataLoader(_EvalImages(files, labels, resize, crop), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False,
+                        persistent_workers=False, worker_init_fn=ignore_interrupts if num_workers else None,
                         generator=torch.Generator())  # an evaluation mid-training must not move the global RNG
     dtype = next(backbone.parameters()).dtype
     was_training = backbone.training

@@ -25,8 +25,9 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import numpy as np
 import torch
 
-from dino_fast.checkpoint import Checkpointer, TrainPosition
+from dino_fast.checkpoint import Checkpointer, CheckpointError, TrainPosition, check_resumable
 from dino_fast.config import Config, ConfigError, load_config, save_config
+from dino_fast.dist import any_rank
 from dino_fast.health import CollapseDetector, health_metrics
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
@@ -40,6 +41,10 @@ from pipelines.folder import DataError
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stops before the step so the last checkpoint stays good."""
+
+
+class LoaderError(RuntimeError):
+    """The data loader failed between steps; every finished step was checkpointed first."""
 
 
 def _free_port() -> int:
@@ -157,7 +162,11 @@ def train(cfg: Config) -> dict:
     pos = TrainPosition(0, 0, 0)
     resume_from = ckpt.resolve(cfg.checkpoint.resume)
     if resume_from is not None:
+        check_resumable(resume_from, cfg, world, steps_per_epoch)
         pos = Checkpointer.load(resume_from, engine, teacher, dino_loss)
+        if pos.step_in_epoch >= steps_per_epoch:  # the dataset shrank since: that epoch is done
+            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+    saved_step = pos.global_step  # the newest step a checkpoint holds (0: none yet, nothing to keep)
 
     progress = Progress(cfg.logging.progress if rank == 0 else "none", total_steps, cfg.logging.print_every)
     metrics = MetricsLog(out_dir / cfg.logging.metrics_file) if rank == 0 else None
@@ -173,30 +182,68 @@ def train(cfg: Config) -> dict:
             + (f", resumed from {resume_from}" if resume_from else "")
         )
 
+    def save() -> None:
+        nonlocal saved_step
+        ckpt.save(engine, teacher, dino_loss, pos, cfg, steps_per_epoch)
+        saved_step = pos.global_step
+
     collapse = CollapseDetector(cfg.model.out_dim, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch)
     stop = {"signal": None}
 
-    def request_stop(signum, _frame):  # finish the current step, checkpoint, exit
-        stop["signal"] = signum
+    def request_stop(signum, _frame):  # finish the current step, checkpoint, exit; a second Ctrl-C quits at once
+        if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if stop["signal"] is None:  # the first one names the stop (a launcher may follow Ctrl-C with SIGTERM)
+            stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    if cfg.eval.knn_at_start and pos.global_step == 0:
-        knn = periodic_knn(cfg, teacher, device, rank, world)
-        if metrics is not None:
-            metrics.write({"step": 0, "epoch": 0, **knn, "time": time.time()})
-        progress.info(f"initial k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}% "
-                      f"top-5 {knn['knn_top5']:.2f}%")
     teacher_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else (
         contextlib.nullcontext)
     last: dict = {}
     images_seen, t_start = 0, time.perf_counter()
+    batches = None
     try:
-        while pos.global_step < total_steps and stop["signal"] is None:
+        if cfg.eval.knn_at_start and pos.global_step == 0:
+            knn = periodic_knn(cfg, teacher, device, rank, world)
+            if metrics is not None:
+                metrics.write({"step": 0, "epoch": 0, **knn, "time": time.time()})
+            progress.info(f"initial k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}% "
+                          f"top-5 {knn['knn_top5']:.2f}%")
+        stopping = False
+        while pos.global_step < total_steps and not stopping:
             epoch = pos.epoch
             loader.set_epoch(epoch, pos.step_in_epoch)
             engine.train()
+            batches = iter(loader)
+            steps_before = pos.global_step
             t_prev = time.perf_counter()
-            for batch in loader:
+            while True:
+                # ---- next batch, then all ranks agree whether to go on: a signal or a failed loader on any rank
+                # stops every rank here, between steps, where the state is whole and can be checkpointed.
+                try:
+                    batch, failure = next(batches), None
+                except StopIteration:
+                    break
+                except Exception as exc:  # a worker died or raised (e.g. the OOM killer); the last step is whole
+                    batch, failure = None, exc
+                # A worker that died with a stop signal (SLURM and launchers signal the whole process tree) is
+                # part of that stop, not a failure.
+                stopping, failed = any_rank(stop["signal"] is not None, failure is not None and stop["signal"] is None)
+                if stopping or failed:
+                    if pos.global_step > saved_step:
+                        save()
+                    if failed:
+                        kept = f"every finished step is in checkpoint {ckpt.latest() or 'none'}"
+                        if isinstance(failure, DataError):  # the data's fault, said by the loader: exit code 2
+                            raise DataError(f"{failure} ({kept}; fix the data and rerun to resume)") from None
+                        where = f"{type(failure).__name__}: {failure}" if failure else "on another rank"
+                        raise LoaderError(
+                            f"the data loader failed before step {pos.global_step + 1} ({where}); {kept}. Rerun the "
+                            f"same command to resume; if the kernel's OOM killer ended a worker (see dmesg), lower "
+                            f"data.num_workers first"
+                        ) from None
+                    break
                 t_data = time.perf_counter()
                 it = epoch * steps_per_epoch + pos.step_in_epoch
                 crops = [c.to(device, non_blocking=True) for c in batch.crops]
@@ -231,6 +278,10 @@ def train(cfg: Config) -> dict:
                                           last["teacher_batch_entropy"])
                 if warning:
                     progress.warn(warning)
+                if stop["signal"] is not None and rank == 0:
+                    progress.info(f"signal {stop['signal']}: stopping after step {pos.global_step} with a checkpoint"
+                                  + (" (Ctrl-C again quits at once, without it)" if stop["signal"] == signal.SIGINT
+                                     else ""))
                 # ---- periodic k-NN on the held-out split, then checkpoint
                 end_of_epoch = pos.step_in_epoch == 0
                 if end_of_epoch and cfg.eval.knn_every_epochs and (epoch + 1) % cfg.eval.knn_every_epochs == 0:
@@ -241,12 +292,17 @@ def train(cfg: Config) -> dict:
                                   f" top-5 {knn['knn_top5']:.2f}%")
                 done = pos.global_step >= total_steps
                 every = cfg.checkpoint.every_steps
-                if end_of_epoch or done or stop["signal"] is not None or (every and pos.global_step % every == 0):
-                    ckpt.save(engine, teacher, dino_loss, pos, cfg)
-                if done or stop["signal"] is not None:
+                if end_of_epoch or done or (every and pos.global_step % every == 0):
+                    save()
+                if done:
                     break
                 t_prev = time.perf_counter()
+            if pos.global_step == steps_before and not stopping:  # would spin forever on the same position
+                raise DataError(f"the {cfg.data.backend} loader yielded no batch for epoch {epoch} from step "
+                                f"{pos.step_in_epoch} of {steps_per_epoch}; check data.path and the loader")
     finally:
+        if batches is not None and hasattr(batches, "close"):
+            batches.close()  # shuts the loader's workers down now, not when an exception's traceback is freed
         progress.close()
         if metrics is not None:
             metrics.close()
@@ -327,12 +383,19 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
         if torch.distributed.is_initialized():  # a clean exit for NCCL/gloo (the process ends here anyway)
             torch.distributed.destroy_process_group()
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
+    except LoaderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(4)
+    except KeyboardInterrupt:
+        print("interrupted (second Ctrl-C): quit without a checkpoint of the current step; the newest checkpoint "
+              "is untouched", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines.folder import DataError, ImageList
 from pipelines.spec import CropSpec, MultiCropBatch, MultiCropSpec
+from pipelines.workers import ignore_interrupts, report_worker_failures_at_next
 
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
@@ -179,5 +180,8 @@ class TorchMultiCropLoader:
             pin_memory=self.pin_memory,
             generator=torch.Generator(),  # keeps the global RNG (drop-path) untouched by the loader
             prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=ignore_interrupts if self.num_workers else None,
         )
-        yield from loader
+        batches = iter(loader)  # starts the workers
+        report_worker_failures_at_next()
+        yield from batches

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,10 @@ import pytest
 import torch
 from child_env import clean_env
 from PIL import Image
+from runs import REPO, ckpt_dir, free_port, run_main, student_state
 
 from dino_fast.config import load_config
-from dino_fast.train import main, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _ckpt(run: Path, step: int) -> Path:
-    return run / "checkpoints" / f"step_{step:08d}"
-
-
-def _student_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+from dino_fast.train import train
 
 
 def test_resume_follows_the_uninterrupted_trajectory(tiny_overrides, tmp_path):
@@ -34,17 +24,17 @@ def test_resume_follows_the_uninterrupted_trajectory(tiny_overrides, tmp_path):
     train(load_config(None, base + [f"checkpoint.output_dir={split}", "optim.max_steps=2"]))
     train(load_config(None, base + [f"checkpoint.output_dir={split}", "optim.max_steps=4", "checkpoint.resume=auto"]))
 
-    a, b = _ckpt(straight, 4), _ckpt(split, 4)
+    a, b = ckpt_dir(straight, 4), ckpt_dir(split, 4)
     assert (split / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     teacher_a, teacher_b = torch.load(a / "teacher.pt"), torch.load(b / "teacher.pt")
-    student_a, student_b = _student_state(a), _student_state(b)
+    student_a, student_b = student_state(a), student_state(b)
     assert teacher_a.keys() == teacher_b.keys()
     for k in teacher_a:
         torch.testing.assert_close(teacher_b[k], teacher_a[k], rtol=1e-6, atol=1e-7, msg=k)
         torch.testing.assert_close(student_b[k], student_a[k], rtol=1e-6, atol=1e-7, msg=k)
     torch.testing.assert_close(torch.load(b / "dino_state.pt")["center"], torch.load(a / "dino_state.pt")["center"])
     # Training moved the weights, and the teacher is an EMA of (not equal to) the student.
-    first = torch.load(_ckpt(straight, 2) / "teacher.pt")
+    first = torch.load(ckpt_dir(straight, 2) / "teacher.pt")
     assert any(not torch.equal(first[k], teacher_a[k]) for k in first)
     assert any(not torch.equal(student_a[k], teacher_a[k]) for k in teacher_a)
     lines = (split / "metrics.jsonl").read_text().splitlines()
@@ -57,7 +47,7 @@ def test_checkpoints_are_pruned_and_hold_everything(tiny_overrides, tmp_path):
                                               "checkpoint.every_steps=1", "checkpoint.keep_last=2"]))
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000005"]
-    ckpt = _ckpt(run, 5)
+    ckpt = ckpt_dir(run, 5)
     for name in ("teacher.pt", "dino_state.pt", "rank0_state.pt", "config.yaml", "mp_rank_00_model_states.pt"):
         assert (ckpt / name).exists(), name
     state = torch.load(ckpt / "dino_state.pt")
@@ -66,21 +56,15 @@ def test_checkpoints_are_pruned_and_hold_everything(tiny_overrides, tmp_path):
     assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_through_the_deepspeed_launcher_agree(tiny_overrides, tmp_path):
     run = tmp_path / "ddp"
     overrides = [o for o in tiny_overrides if not o.startswith("checkpoint.output_dir")]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "dino_fast" / "train.py"), *overrides, f"checkpoint.output_dir={run}", "optim.max_steps=3",
            "data.batch_size_per_gpu=4", "logging.progress=plain"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ckpt = _ckpt(run, 3)
+    ckpt = ckpt_dir(run, 3)
     r0, r1 = (torch.load(ckpt / f"rank{r}_state.pt", weights_only=False) for r in (0, 1))
     assert torch.equal(r0["fingerprint"], r1["fingerprint"])  # same teacher weights and center on both ranks
     assert not torch.equal(r0["rng"]["torch"], r1["rng"]["torch"])  # ranks draw different drop-path noise
@@ -89,24 +73,16 @@ def test_two_ranks_through_the_deepspeed_launcher_agree(tiny_overrides, tmp_path
     assert center.abs().sum() > 0
 
 
-def _run_main(args, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exc.value.code, err
-
-
 def test_unknown_config_key_is_a_clear_error(tiny_overrides, capsys):
-    code, err = _run_main(tiny_overrides + ["optim.learning_rate=1"], capsys)
+    code, err = run_main(tiny_overrides + ["optim.learning_rate=1"], capsys)
     assert code == 2 and "unknown config key 'optim.learning_rate'" in err
 
 
 def test_missing_and_empty_data_paths_are_clear_errors(tiny_overrides, tmp_path, capsys):
-    code, err = _run_main(tiny_overrides + [f"data.path={tmp_path / 'nope'}"], capsys)
+    code, err = run_main(tiny_overrides + [f"data.path={tmp_path / 'nope'}"], capsys)
     assert code == 2 and "does not exist" in err
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    code, err = _run_main(tiny_overrides + [f"data.path={tmp_path / 'empty'}"], capsys)
+    code, err = run_main(tiny_overrides + [f"data.path={tmp_path / 'empty'}"], capsys)
     assert code == 2 and "holds no images" in err
 
 
@@ -128,10 +104,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_overrides, tmp
     run = tmp_path / "nan"
     common = tiny_overrides + [f"checkpoint.output_dir={run}"]
     train(load_config(None, common + ["optim.max_steps=2"]))
-    good = _ckpt(run, 2)
+    good = ckpt_dir(run, 2)
     before = {p.name: p.stat().st_mtime_ns for p in good.iterdir()}
     # An absurd learning rate blows the weights up after one step; the next loss is not finite.
-    code, err = _run_main(common + ["optim.max_steps=10", "checkpoint.resume=auto", "optim.lr=1e38",
+    code, err = run_main(common + ["optim.max_steps=10", "checkpoint.resume=auto", "optim.lr=1e38",
                                     "optim.warmup_epochs=0", "optim.clip_grad=0", "checkpoint.every_steps=0"], capsys)
     assert code == 3 and "at step 4" in err and "step_00000002" in err
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
@@ -158,8 +134,8 @@ def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
     for stage in (0, 1, 2):
         run = tmp_path / f"zero{stage}"
         train(load_config(None, common + [f"checkpoint.output_dir={run}", f"deepspeed.zero_stage={stage}"]))
-        states[stage] = (_student_state(_ckpt(run, 3)), torch.load(_ckpt(run, 3) / "teacher.pt"))
-    start = torch.load(_ckpt(tmp_path / "zero0", 3) / "teacher.pt")
+        states[stage] = (student_state(ckpt_dir(run, 3)), torch.load(ckpt_dir(run, 3) / "teacher.pt"))
+    start = torch.load(ckpt_dir(tmp_path / "zero0", 3) / "teacher.pt")
     for stage in (1, 2):
         for k, v in states[0][0].items():
             torch.testing.assert_close(states[stage][0][k], v, rtol=1e-5, atol=1e-6, msg=f"stage {stage}: {k}")
@@ -200,28 +176,6 @@ def test_demo_recipe_beats_the_random_network_at_knn(tmp_path):
     assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 3 k-NN" in proc.stdout
 
 
-def test_sigterm_finishes_the_step_and_checkpoints(tiny_overrides, tmp_path):
-    import signal
-    import time
-
-    run = tmp_path / "term"
-    overrides = [o for o in tiny_overrides if not o.startswith("checkpoint.output_dir")]
-    cmd = [sys.executable, "-m", "dino_fast.train", *overrides, f"checkpoint.output_dir={run}", "optim.epochs=50",
-           "checkpoint.every_steps=0", "logging.progress=plain"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    steps = len(metrics.read_text().splitlines())
-    assert f"stopped by signal {int(signal.SIGTERM)}: {steps} steps" in out
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
-    assert torch.load(_ckpt(run, steps) / "dino_state.pt")["global_step"] == steps
-
-
 def test_compiled_backbones_follow_the_eager_run(tiny_overrides, tmp_path):
     """model.compile=true (torch.compile in place, inductor on CPU here) trains to the same weights as eager, and
     its checkpoints keep the parameter names (resume, EMA and export read them)."""
@@ -235,7 +189,7 @@ def test_compiled_backbones_follow_the_eager_run(tiny_overrides, tmp_path):
         before = counters["stats"]["unique_graphs"]
         train(load_config(None, common + [f"checkpoint.output_dir={run}", f"model.compile={flag}"]))
         graphs[flag] = counters["stats"]["unique_graphs"] - before
-        states[flag] = (_student_state(_ckpt(run, 2)), torch.load(_ckpt(run, 2) / "teacher.pt"))
+        states[flag] = (student_state(ckpt_dir(run, 2)), torch.load(ckpt_dir(run, 2) / "teacher.pt"))
     assert graphs["false"] == 0 and graphs["true"] >= 2  # one per crop resolution at least
     for eager, compiled in zip(states["false"], states["true"]):
         assert compiled.keys() == eager.keys()

@@ -1,0 +1,34 @@
+"""How DataLoader worker processes meet stop signals and die, so that the trainer decides when a run ends.
+
+A terminal's Ctrl-C, SLURM's ``scancel``, a Kubernetes pod stop and the DeepSpeed launcher all signal the whole
+process tree, DataLoader workers included. A worker killed that way made the trainer fail mid-step or
+mid-checkpoint ("DataLoader worker is killed by signal") instead of finishing its step and checkpointing, because
+torch's SIGCHLD handler raises a dead worker's error wherever the main process happens to be. Two habits fix that:
+
+- workers ignore SIGINT (:func:`ignore_interrupts`, a ``worker_init_fn``): after Ctrl-C they keep serving the
+  main process until it has finished its step. SIGTERM is left alone: multiprocessing and torch end workers with it;
+- a worker that dies anyway (SIGTERM, the kernel's OOM killer, a segfault in a decoder) is reported by the next
+  ``next()`` call, between steps, instead of by torch's SIGCHLD handler
+  (:func:`report_worker_failures_at_next`); torch's loader notices a dead worker within its 5 s status interval.
+  The trainer then checkpoints every finished step before it stops (a signal) or fails (anything else).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+def ignore_interrupts(_worker_id: int = 0) -> None:
+    """``worker_init_fn``: SIGINT is the main process's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def report_worker_failures_at_next() -> None:
+    """Remove torch's SIGCHLD handler (installed once per process by the first multi-worker iterator; call this
+    after creating one). Only a handler from ``torch.utils.data`` is removed, and only from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if callable(handler) and getattr(handler, "__module__", "").startswith("torch.utils.data"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -1,0 +1,80 @@
+"""What the trainer tests read back from a run folder, and how they start or call the trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from child_env import clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ckpt_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:08d}"
+
+
+def latest_tag(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def student_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """``dino_fast.train.main(args)`` in this process: its exit code and stderr, which must hold no traceback."""
+    from dino_fast.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exc.value.code, err
+
+
+@contextlib.contextmanager
+def trainer_process(overrides: list[str], *, launcher: list[str] | None = None) -> Iterator[subprocess.Popen]:
+    """The trainer as a child in its own session, so a test can signal its whole process tree as SLURM does; the
+    tree is killed on the way out if it is still running (a failed test leaves no trainer behind)."""
+    cmd = (launcher or [sys.executable, "-m", "dino_fast.train"]) + overrides
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_for_steps(run: Path, proc: subprocess.Popen, steps: int, timeout: float = 300) -> None:
+    """Until the run's metrics file holds ``steps`` lines (the trainer failing first is a test failure)."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < steps:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the trainer ended early (rc {proc.returncode}): {err[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"no {steps} steps in {timeout} s")
+        time.sleep(0.2)
+
+
+def steps_logged(run: Path) -> int:
+    return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
