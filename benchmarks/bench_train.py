@@ -10,7 +10,9 @@ clipping, the optimizer step and the teacher EMA. Modes:
 Providers:
 
 - ``ours``: ``dino_fast.train.build_training`` + ``train_step`` (DeepSpeed engine, bf16 torch-autocast on GPU / fp32
-  on CPU, folded loss or the Triton kernel, foreach/Triton EMA, multi-tensor clipping, fused AdamW on GPU);
+  on CPU, folded loss or the Triton kernel, foreach/Triton EMA, multi-tensor clipping, fused AdamW);
+- ``ours-compiled``: the same with ``model.compile=true`` (torch.compile'd backbones; compile time in ``warmup_s``);
+- ``ours-cudagraphs``: also ``model.compile_mode=reduce-overhead``: the compiled backbones replay as CUDA graphs;
 - ``reference``: the reference step written from DINO_SPEC in plain PyTorch as the reference does it: the eager
   2·(ncrops−1)-pair loss, fp16 autocast + GradScaler (GPU), per-parameter clipping with one host sync per parameter,
   the per-parameter EMA loop, torch AdamW with default settings.
@@ -41,6 +43,9 @@ from dino_fast.ops.ema import ema_reference_loop
 from dino_fast.optim import param_groups
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# provider → (compile, compile_mode) of OursStep; "ours-cudagraphs" replays the compiled backbones as CUDA graphs.
+OURS_PROVIDERS = {"ours": (False, "default"), "ours-compiled": (True, "default"),
+                  "ours-cudagraphs": (True, "reduce-overhead")}
 
 
 def bench_config(arch: str, batch: int, n_local: int, global_size: int, local_size: int, out_dim: int,
@@ -93,18 +98,18 @@ def crop_stream(cfg: Config, mode: str, device: torch.device, n_images: int, wor
 
 
 class OursStep:
-    def __init__(self, cfg: Config, device: torch.device, compile: bool = False):
+    def __init__(self, cfg: Config, device: torch.device, compile: bool = False, compile_mode: str = "default"):
         from dino_fast.train import build_training, init_distributed, resolve_precision
 
         init_distributed()
-        cfg.model.compile = compile
+        cfg.model.compile, cfg.model.compile_mode = compile, compile_mode
         self.precision = resolve_precision(cfg, device)
         self.cfg = cfg
         self.engine, self.teacher, self.dino_loss, self.ema = build_training(cfg, device, 1, self.precision)
         self.teacher_ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.precision == "bf16"
                             else contextlib.nullcontext)
         self.describe = (f"DeepSpeed {self.precision}, loss={self.dino_loss.impl}, ema={self.ema.impl}"
-                         + (", torch.compile backbones" if compile else ""))
+                         + (f", torch.compile backbones ({compile_mode})" if compile else ""))
 
     def __call__(self, crops: list[torch.Tensor]) -> float:
         from dino_fast.train import train_step
@@ -242,13 +247,15 @@ def peak_flops(device: torch.device) -> float | None:
 
 def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
              flops: float | None = None) -> dict[str, Any]:
-    """Time ``provider`` (ours | ours-compiled | reference). ``flops`` of one step, when known (the compiled step
+    """Time ``provider`` (a key of OURS_PROVIDERS, or reference). ``flops`` of one step, when known (the compiled step
     does the same work as ours); else counted on our eager step."""
-    if provider in ("ours", "ours-compiled"):
+    if provider in OURS_PROVIDERS:
         torch._dynamo.reset()  # compile time measured alone, no cache limit carried over from other models
-        step = OursStep(cfg, device, compile=provider == "ours-compiled")
-    else:
+        step = OursStep(cfg, device, *OURS_PROVIDERS[provider])
+    elif provider == "reference":
         step = ReferenceStep(cfg, device, args.reference_repo)
+    else:
+        raise ValueError(f"unknown provider {provider!r} (have: {', '.join([*OURS_PROVIDERS, 'reference'])})")
     stream = crop_stream(cfg, mode, device, args.images, args.workers)
     t_first = time.perf_counter()
     for i in range(args.warmup):
@@ -258,7 +265,7 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
         else:
             step(crops)
     sync(device)
-    warmup_s = time.perf_counter() - t_first  # includes torch.compile's compile time for ours-compiled
+    warmup_s = time.perf_counter() - t_first  # includes torch.compile's compile time for the compiled
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, waits = [], []
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--out-dim", type=int, default=65536)
     p.add_argument("--modes", default="synthetic", help="synthetic,torch[,dali,ffcv]")
-    p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,reference")
+    p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,ours-cudagraphs,reference")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--images", type=int, default=2000, help="generated JPEGs for the loader modes")

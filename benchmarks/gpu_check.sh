@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (a lent H100/H200, under 8 minutes): CUDA tests, kernel benchmarks, the train-step
-# benchmark (synthetic data), and a short real training run through DeepSpeed on the GPU.
+# benchmark (synthetic data), a profile of the train step, and a short real training run through DeepSpeed on the GPU.
+#
+# Budget on an H100 (seconds; the last full run, with the new and the shortened steps estimated):
+#   env 16 + bench-train ~170 (ViT-S only, was 189 with ViT-B: + the CUDA-graph provider) + bench-profile ~55 (new,
+#   with the host-floor pass) + train-demo ~65 (was 110, cut at its limit: 1,200 → 900 steps) + cuda-tests 21 +
+#   bench-augment 14 + bench-loss ~38 (was 72: torch.compile only for its first, real-size configuration) +
+#   bench-train-torch 60 + bench-ema 13  ≈  452 s ≈ 7.5 min.
+# Each step's limit is above its expected time, so one slow step can push the whole past 8 minutes.
+# BENCH_ARCHS=vit_small_patch16_224,vit_base_patch16_224 adds ViT-B to bench-train (about +60 s).
 #
 # Writes results and one log into $OUT when set (the device tool's output folder), else benchmarks/results/.
 # Packages the GPU machine lacks travel as wheels in .whl/ (make gpu-wheels builds them here: deepspeed and its
 # pure-Python needs); DALI and FFCV cannot travel, so their GPU modes are skipped there and say so.
 #
-#   bash benchmarks/gpu_check.sh            # everything, ~8 minutes on an H100 (steps most telling first)
+#   bash benchmarks/gpu_check.sh            # everything, ~7.75 minutes on an H100 (steps most telling first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-benchmarks/results}
@@ -28,11 +36,13 @@ ONLY=${GPU_CHECK_ONLY:-}  # e.g. GPU_CHECK_ONLY="bench-train train-demo" runs ju
 
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2; shift 2
+  last_rc=skipped
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local t0=$SECONDS
   echo "=== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
+  last_rc=$rc
   status+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
@@ -40,25 +50,39 @@ step() {  # step NAME TIMEOUT_S CMD...
 # Most telling first: a step that runs out of time must not cost the ones before it.
 step env 60 $PY -c "import torch, triton, timm, deepspeed; print(torch.__version__, triton.__version__, \
 timm.__version__, deepspeed.__version__, torch.cuda.get_device_name(0))"
-# The train step: ours eager, ours with torch.compile'd backbones (compile time is reported as warmup_s), reference.
-step bench-train 260 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224,vit_base_patch16_224} \
-  --modes synthetic --providers ours,ours-compiled,reference --steps 10 --warmup 3
-# The demo recipe trained 4x longer than `make demo` (1,200 steps, ~700 img/s on 16 cores), k-NN every 4 epochs:
-# it must keep learning (measured: 55% → 99% by step 750).
-step train-demo 110 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.epochs=16 \
+# The train step: ours eager, ours with torch.compile'd backbones (compile time is reported as warmup_s), the same
+# replayed as CUDA graphs (model.compile_mode=reduce-overhead: one launch per graph instead of ~1,300), reference.
+step bench-train 260 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224} \
+  --modes synthetic --providers ours,ours-compiled,ours-cudagraphs,reference --steps 10 --warmup 3
+# Where the step's time goes (GPU kernels, host launches or syncs): ViT-S/16 B=64, ours (per train_step phase) and
+# the reference, 4 profiled steps each, then the same op graph at negligible arithmetic (the host floor: what the
+# host alone costs per step). A profiler that cannot trace the GPU is recorded in the JSON; a run that dies (a
+# crash, not a timeout) before writing its first result gets one host-only rerun.
+PROFILE_ARGS=(--archs vit_small_patch16_224 --providers ours,reference --steps 4 --warmup 3 --host-floor also)
+t_profile=$(date +%s)
+step bench-profile 100 $PY -m benchmarks.bench_profile "${PROFILE_ARGS[@]}"
+if [[ $last_rc =~ ^[0-9]+$ ]] && [ "$last_rc" -ne 0 ] && [ "$last_rc" -ne 124 ] \
+    && [ -z "$(find "$OUT_DIR" -maxdepth 1 -name 'profile_*.json' -newermt "@$t_profile")" ]; then
+  step bench-profile 60 $PY -m benchmarks.bench_profile "${PROFILE_ARGS[@]}" --no-device-trace
+fi
+# The demo recipe trained 3x longer than `make demo` (900 steps, ~700 img/s on 16 cores), k-NN every 4 epochs: it
+# must keep learning (measured: 55% → 99% by step 750 in a longer schedule, 94.75% after 900 steps).
+step train-demo 80 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.epochs=12 \
   eval.knn_every_epochs=4 data.num_workers=12 checkpoint.output_dir=/tmp/gpu_demo checkpoint.every_steps=0 \
   logging.progress=plain logging.print_every=250
 cp /tmp/gpu_demo/metrics.jsonl "$OUT_DIR/train_demo_metrics.jsonl" 2>/dev/null
 step cuda-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_dino_loss.py tests/test_ops_ema.py \
   tests/test_gpu_augment.py
 step bench-augment 40 $PY -m benchmarks.bench_augment
-step bench-loss 100 $PY -m benchmarks.bench_loss
+# torch.compile of the reference loss only for the first (real-size) configuration: the other compiles took 34 s.
+step bench-loss 70 $PY -m benchmarks.bench_loss --compile-budget-s 10
 # End to end with the baseline torch/PIL loader on the machine's cores (DALI and FFCV cannot be carried there).
 step bench-train-torch 90 $PY -m benchmarks.bench_train --archs vit_small_patch16_224 --modes torch \
   --providers ours,reference --steps 12 --warmup 3 --images 1000 --workers 14 --name train_torch_loader
 step bench-ema 45 $PY -m benchmarks.bench_ema
-# (bench_loaders is not run here: DALI and FFCV cannot be carried to the lent machine, and $OUT returns 8 files.)
+# (bench_loaders is not run here: DALI and FFCV cannot be carried to the lent machine. $OUT returns at most 8
+# files and this script writes exactly 8: the log, train_demo_metrics.jsonl and one JSON per benchmark step.)
 
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${status[@]}" | tee -a "$LOG"
-grep -hE "ours / reference|speedup|x vs" "$LOG" | tail -20
+grep -hE "ours / reference|speedup|x vs|-bound:" "$LOG" | tail -20

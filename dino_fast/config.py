@@ -33,6 +33,7 @@ class ModelConfig:
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
     compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
+    compile_mode: str = "default"  # with compile: default | reduce-overhead (+ CUDA graphs) | max-autotune | ...
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.backend": ("torch", "dali", "ffcv"),
     "dino.loss_impl": ("auto", "eager", "triton"),
     "dino.ema_impl": ("auto", "foreach", "triton"),

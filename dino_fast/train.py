@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from dino_fast.checkpoint import Checkpointer, CheckpointError, TrainPosition, check_resumable
 from dino_fast.config import Config, ConfigError, load_config, save_config
@@ -110,7 +111,7 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
                          cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
                          cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  **({"fused": True} if device.type == "cuda" else {}))
+                                  fused=True)  # one multi-tensor kernel per group (torch has it for CPU and CUDA)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world, precision))
     # With one rank and no ZeRO, DeepSpeed would still all-reduce every gradient bucket (a copy per bucket on
@@ -121,8 +122,10 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
     if cfg.model.compile:
         # In place (nn.Module.compile): parameter names, checkpoints, the EMA and export are unchanged. Static
         # shapes: one graph per crop resolution (and per k-NN batch shape), no symbolic sizes in the kernels.
-        engine.module.backbone.compile(dynamic=False)
-        teacher.backbone.compile(dynamic=False)
+        # mode=reduce-overhead replays each graph (forward and backward, per resolution) as a CUDA graph: the ~1,300
+        # kernel launches of a ViT-S/16 step's backbones cost one launch each graph instead.
+        engine.module.backbone.compile(dynamic=False, mode=cfg.model.compile_mode)
+        teacher.backbone.compile(dynamic=False, mode=cfg.model.compile_mode)
     return engine, teacher, dino_loss, ema
 
 
@@ -176,7 +179,7 @@ def train(cfg: Config) -> dict:
         progress.info(
             f"dino_fast: {world} rank(s) on {device.type} ({acc.communication_backend_name()}), precision {precision}, "
             f"ZeRO-{cfg.deepspeed.zero_stage}, loss={dino_loss.impl}, ema={ema.impl}, data={cfg.data.backend}, "
-            f"{'compiled backbones, ' if cfg.model.compile else ''}"
+            f"{f'compiled backbones ({cfg.model.compile_mode}), ' if cfg.model.compile else ''}"
             f"{steps_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch {global_batch}, "
             f"output {out_dir.resolve()}"
             + (f", resumed from {resume_from}" if resume_from else "")
@@ -338,32 +341,43 @@ def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: Teach
 
     Raises NonFiniteLossError (message: the loss value) before any update when the loss is not finite.
     """
+    # Each phase is a named profiler range (benchmarks/bench_profile.py splits the step's time by them); outside a
+    # profiler a range costs about a microsecond.
+    if cfg.model.compile:  # a new iteration: CUDA-graph outputs of the last one may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
     # ---- schedules
     for i, group in enumerate(engine.optimizer.param_groups):
         group["lr"] = lr
         if i == 0:  # the regularised group only
             group["weight_decay"] = wd
     # ---- forward: teacher on the globals, student on every crop
-    with torch.no_grad(), teacher_ctx():
+    with record_function("dino:teacher_forward"), torch.no_grad(), teacher_ctx():
         teacher_out = teacher(crops[:2])
-    student_out = engine(crops)
-    center = dino_loss.center.clone()  # the center this loss uses (forward updates it)
-    loss = dino_loss(student_out, teacher_out, epoch)
-    health = health_metrics(None, teacher_out, center, float(dino_loss.teacher_temp_schedule[epoch]),
-                            dino_loss.student_temp, dino_loss.ncrops, loss=loss)
-    values = torch.stack([loss.detach().float(), *health.values()]).tolist()  # the step's one host sync
+    with record_function("dino:student_forward"):
+        student_out = engine(crops)
+    with record_function("dino:loss"):
+        center = dino_loss.center.clone()  # the center this loss uses (forward updates it)
+        loss = dino_loss(student_out, teacher_out, epoch)
+    with record_function("dino:health_sync"):
+        health = health_metrics(None, teacher_out, center, float(dino_loss.teacher_temp_schedule[epoch]),
+                                dino_loss.student_temp, dino_loss.ncrops, loss=loss)
+        values = torch.stack([loss.detach().float(), *health.values()]).tolist()  # the step's one host sync
     out = dict(zip(["loss", *health], values))
     if not math.isfinite(out["loss"]):
         raise NonFiniteLossError(str(out["loss"]))
     # ---- backward, clip, freeze, step
-    engine.backward(loss)
-    if cfg.optim.clip_grad > 0:
-        clip_gradients(engine.module, cfg.optim.clip_grad)
-    if epoch < cfg.optim.freeze_last_layer:
-        cancel_last_layer_grads(engine.module)
-    engine.step()
+    with record_function("dino:backward"):
+        engine.backward(loss)
+    with record_function("dino:clip"):
+        if cfg.optim.clip_grad > 0:
+            clip_gradients(engine.module, cfg.optim.clip_grad)
+        if epoch < cfg.optim.freeze_last_layer:
+            cancel_last_layer_grads(engine.module)
+    with record_function("dino:optimizer_step"):
+        engine.step()
     # ---- teacher EMA
-    ema.update(momentum)
+    with record_function("dino:teacher_ema"):
+        ema.update(momentum)
     return out
 
 

@@ -1,10 +1,16 @@
-"""The train-step benchmark runs end to end (a smoke run, not a timing) and its results feed the summary table."""
+"""The train-step benchmark runs end to end (a smoke run, not a timing) and its results feed the summary table; the
+step profile's numbers match independent counts."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
-from benchmarks import bench_train, run_all
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks import bench_profile, bench_train, run_all
 
 
 def test_bench_train_quick_run_writes_results_the_summary_reads(tmp_path):
@@ -21,3 +27,117 @@ def test_bench_train_quick_run_writes_results_the_summary_reads(tmp_path):
     piece, ours_cell, ref_cell, ratio = run_all._describe(payload, ours)
     assert piece.startswith("train step vit_tiny_patch16_224 2x64+4x32 B=8 synthetic")
     assert ratio == f"{ours['speedup_vs_reference']:.2f}×" and run_all._describe(payload, ref) is None
+
+
+class _AtenCalls(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher's Python key (below autograd and every implicit decomposition)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bench_profile_quick_numbers_match_independent_counts(tmp_path):
+    """The quick CPU profile of ours and the reference, checked against a dispatch-mode count of one step and the
+    reference model's parameter count (its clip syncs once per parameter with a gradient).
+
+    The two op counts see the same calls once views/metadata ops are left out (equal here). They
+    differ only in names the test ignores: under a dispatch mode autograd accumulates some gradients out of place
+    (``add`` instead of ``add_``, the sum is the same), and reshape and detach take other view ops."""
+    out = tmp_path / "profile.json"
+    bench_profile.main(["--quick", "--host-floor", "also", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    by_provider = {r["provider"]: r for r in payload["results"] if r["pass"] == "measured"}
+    floor = {r["provider"]: r for r in payload["results"] if r["pass"] == "host_floor"}
+    # The host floor runs the same ops (that is what makes it the floor of this step), with less arithmetic.
+    assert set(floor) == set(by_provider) and all("error" not in r and r["width"] == 48 for r in floor.values())
+    for provider, r in floor.items():
+        assert abs(r["aten_ops"] - by_provider[provider]["aten_ops"]) <= 0.01 * r["aten_ops"], provider
+        assert r["batch"] == 1 and r["crops"] == "2x32+4x16"
+    assert set(by_provider) == {"ours", "reference"} and all("error" not in r for r in by_provider.values())
+    ours, ref = by_provider["ours"], by_provider["reference"]
+    assert payload["method"] and payload["env"]["device_type"] == "cpu"
+
+    # Every train_step range appears once per profiled step; together they cover most of the step, never more.
+    phases = ours["phases"]
+    assert set(phases) == set(bench_profile.PHASES)
+    assert all(p["ranges"] == ours["steps"] == 2 and p["host_ms"] > 0 for p in phases.values())
+    phase_ms = sum(p["host_ms"] for p in phases.values())
+    assert 0.5 * ours["host_ms_profiled"] < phase_ms <= ours["host_ms_profiled"] <= ours["wall_ms_profiled"]["median"]
+    assert sum(p["aten_ops"] for p in phases.values()) <= ours["aten_ops"]
+
+    # The same steps, counted independently: one step (after the bench's two warm-up steps) under a dispatch mode.
+    device = torch.device("cpu")
+    counts, steps = {}, {}
+    for provider, cls in (("ours", bench_train.OursStep), ("reference", bench_train.ReferenceStep)):
+        cfg = bench_train.bench_config("vit_tiny_patch16_224", 8, 4, 64, 32, 4096, device,
+                                       ["model.depth=2", "model.patch_size=16"])
+        step = steps[provider] = cls(cfg, device)
+        crops = bench_train.synthetic_crops(cfg, device)
+        step(crops)
+        step(crops)
+        with _AtenCalls() as mode:
+            step(crops)
+        counts[provider] = mode.calls
+    for provider, r in by_provider.items():
+        calls = counts[provider]
+        real = sum(n for name, n in calls.items()
+                   if name.startswith("aten::") and name.removeprefix("aten::") not in bench_profile.METADATA_OPS)
+        assert abs(r["aten_ops"] - real) <= 0.01 * real, (provider, r["aten_ops"], real)
+        assert r["local_scalar_dense"] == r["host_syncs"] == calls["aten::_local_scalar_dense"]
+
+    # The reference clips with one host sync per parameter that has a gradient; ours clips without any.
+    student = steps["reference"].student
+    with_grad = sum(p.grad is not None for p in student.parameters())
+    assert with_grad == sum(p.requires_grad for p in student.parameters()) > 0
+    assert ref["host_syncs"] >= with_grad
+    assert ours["host_syncs"] <= ref["host_syncs"] - with_grad
+    assert phases["dino:clip"]["host_syncs"] == 0
+    # Ours' one sync per step is the health metrics' .tolist(), which on a CPU tensor dispatches no op.
+    assert ours["host_syncs"] <= 1
+
+
+def test_bench_profile_device_timeline_arithmetic():
+    """The CUDA half of the analysis on a hand-made two-step timeline of real FunctionEvents (µs): overlapping
+    kernels count once, the GPU-side copy of a record_function range is not a kernel, kernels count in the phase
+    their launching op started in (here on another thread, as backward kernels do), the idle gap after a sync."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def ev(name, start, end, thread=1, device=DeviceType.CPU, annotation=False):
+        return FunctionEvent(id=0, name=name, thread=thread, start_us=start, end_us=end, device_type=device,
+                             is_user_annotation=annotation)
+
+    gpu = DeviceType.CUDA
+    loss_op, bwd_op = ev("aten::mm", 6, 8), ev("aten::mm", 112, 114, thread=2)
+    loss_op.append_kernel("gemm", 0, 35.0)
+    bwd_op.append_kernel("gemm_bwd", 0, 130.0)
+    events = [
+        ev("bench:step", 0, 60), ev("dino:loss", 5, 55), loss_op, ev("cudaLaunchKernel", 7, 7.5),
+        ev("cudaLaunchKernel", 7.5, 8), ev("cudaStreamSynchronize", 40, 50),
+        ev("bench:step", 100, 160), ev("dino:backward", 101, 150), bwd_op, ev("cudaLaunchKernel", 113, 114),
+        ev("bench:drain", 160, 250),
+        ev("gemm", 10, 30, device=gpu), ev("gemm", 20, 45, device=gpu), ev("Memcpy DtoH (Device -> Pinned)", 45, 47,
+                                                                           device=gpu),
+        ev("softmax", 55, 90, device=gpu), ev("dino:loss", 10, 90, device=gpu, annotation=True),
+        ev("add", 95, 105, device=gpu),  # runs across the step boundary
+        ev("gemm_bwd", 110, 240, device=gpu),
+    ]
+    r = bench_profile.analyse(events, 2, device_trace=True, with_phases=True)
+    ms = lambda us: pytest.approx(us / 1e3)  # noqa: E731
+    # step 1: window [0, 100), busy ∪(10–45, 45–47, 55–90, 95–100) = 77; step 2: [100, 250), ∪(100–105, 110–240) = 135.
+    assert r["gpu_busy_ms"] == ms((77 + 135) / 2)
+    assert r["gpu_idle_share"] == pytest.approx(((1 - 77 / 100) + (1 - 135 / 150)) / 2)
+    assert r["wall_ms_profiled"]["mean"] == ms(250 / 2) and r["host_ms_profiled"] == ms(60)
+    assert r["device_kernels"] == (4 + 1) / 2 and r["d2h_copies"] == 0.5 and r["kernel_launch_calls"] == 1.5
+    assert r["host_syncs"] == 0.5 and r["sync_wait_ms"] == ms(10 / 2) and r["idle_after_sync_ms"] == ms(5 / 2)
+    assert r["device_ms_sum"] == ms((35 + 130) / 2)
+    assert r["top_kernels"][0] == ["gemm_bwd", ms(130 / 2), 0.5]
+    ph = r["phases"]
+    assert ph["dino:loss"]["device_ms"] == ms(35 / 2) and ph["dino:backward"]["device_ms"] == ms(130 / 2)
+    assert ph["dino:loss"]["host_ms"] == ms(50 / 2) and ph["dino:loss"]["host_syncs"] == 0.5
+    assert ph["dino:backward"]["kernels"] == 0.5 and ph["dino:clip"]["ranges"] == 0 and ph["dino:clip"]["host_ms"] == 0
