@@ -48,7 +48,15 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-from benchmarks.bench_train import OURS_PROVIDERS, OursStep, ReferenceStep, bench_config, synthetic_crops
+from benchmarks.bench_train import (
+    OURS_PROVIDERS,
+    OursStep,
+    ReferenceStep,
+    add_step_args,
+    apply_quick,
+    bench_config,
+    synthetic_crops,
+)
 from benchmarks.common import environment, pick_device, print_table, results_path, sync, write_json
 
 PHASES = ("dino:teacher_forward", "dino:student_forward", "dino:loss", "dino:health_sync", "dino:backward",
@@ -352,12 +360,7 @@ def verdict(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--archs", default="vit_small_patch16_224")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--locals", type=int, default=10)
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=96)
-    p.add_argument("--out-dim", type=int, default=65536)
+    add_step_args(p, "vit_small_patch16_224")
     p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,ours-cudagraphs,reference")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (and as many timed without the profiler)")
     p.add_argument("--warmup", type=int, default=3)
@@ -373,9 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = pick_device(args.device)
     extra = list(args.set)
     if args.quick:  # bench_train --quick's sizes
-        args.archs, args.batch, args.locals, args.global_size, args.local_size = "vit_tiny_patch16_224", 8, 4, 64, 32
-        args.out_dim, args.steps, args.warmup = 4096, 2, 2
-        extra += ["model.depth=2", "model.patch_size=16"]
+        apply_quick(args, extra)
+        args.steps, args.warmup = 2, 2
     # (name, width, batch, global px, local px, K, overrides) of each pass; the host floor keeps depth, heads, the
     # crop count and every op, and shrinks only the arithmetic.
     passes = [("measured", args.width, args.batch, args.global_size, args.local_size, args.out_dim, extra)]

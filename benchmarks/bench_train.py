@@ -48,6 +48,23 @@ OURS_PROVIDERS = {"ours": (False, "default"), "ours-compiled": (True, "default")
                   "ours-cudagraphs": (True, "reduce-overhead")}
 
 
+def add_step_args(p: argparse.ArgumentParser, archs: str) -> None:
+    """The step's shape (archs, batch, crops, K), shared by the step benchmarks."""
+    p.add_argument("--archs", default=archs)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--locals", type=int, default=10)
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=96)
+    p.add_argument("--out-dim", type=int, default=65536)
+
+
+def apply_quick(args: argparse.Namespace, extra: list[str]) -> None:
+    """--quick, the CPU sanity size: ViT-tiny of depth 2, patch 16, B=8, 2×64 + 4×32 px, K=4096."""
+    args.archs, args.batch, args.locals, args.global_size, args.local_size = "vit_tiny_patch16_224", 8, 4, 64, 32
+    args.out_dim = 4096
+    extra += ["model.depth=2", "model.patch_size=16"]
+
+
 def bench_config(arch: str, batch: int, n_local: int, global_size: int, local_size: int, out_dim: int,
                  device: torch.device, extra: list[str]) -> Config:
     return load_config(None, [
@@ -298,12 +315,7 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--archs", default="vit_small_patch16_224,vit_base_patch16_224")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--locals", type=int, default=10)
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=96)
-    p.add_argument("--out-dim", type=int, default=65536)
+    add_step_args(p, "vit_small_patch16_224,vit_base_patch16_224")
     p.add_argument("--modes", default="synthetic", help="synthetic,torch[,dali,ffcv]")
     p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,ours-cudagraphs,reference")
     p.add_argument("--steps", type=int, default=20)
@@ -320,9 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     extra = list(args.set)
     if args.quick:
-        args.archs, args.batch, args.locals, args.global_size, args.local_size = "vit_tiny_patch16_224", 8, 4, 64, 32
-        args.out_dim, args.steps, args.warmup = 4096, 4, 2
-        extra += ["model.depth=2", "model.patch_size=16"]
+        apply_quick(args, extra)
+        args.steps, args.warmup = 4, 2
     rows, results = [], []
     for arch in args.archs.split(","):
         for mode in args.modes.split(","):

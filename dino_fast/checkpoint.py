@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dino_fast.config import Config, save_config, to_dict
+from dino_fast.config import Config, flatten, save_config, to_dict
 from dino_fast.dist import any_rank, barrier, rank, world_size
 
 TAG = re.compile(r"step_\d{8}")
@@ -94,10 +94,12 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
+    """Every file below ``folder``, then every folder (their entries name the files)."""
+    paths = sorted(folder.rglob("*"))
+    for p in paths:
         if p.is_file():
             _fsync(p)
-    for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+    for d in sorted({p.parent for p in paths} | {folder}):
         _fsync(d)
 
 
@@ -136,17 +138,6 @@ SHAPE_KEYS = ("model.arch", "model.patch_size", "model.depth", "model.out_dim", 
               "deepspeed.zero_stage")
 
 
-def _flat(tree: dict) -> dict:
-    """``{"model": {"arch": ...}, "seed": 0}`` → ``{"model.arch": ..., "seed": 0}``."""
-    out = {}
-    for section, values in tree.items():
-        if isinstance(values, dict):
-            out.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            out[section] = values
-    return out
-
-
 def check_resumable(folder: Path, cfg: Config, world_size: int, steps_per_epoch: int) -> None:
     """Refuse, with the keys and what to do, a checkpoint this run cannot continue: another model shape (the weights
     would not load) or another global batch (the position and the per-iteration schedules would not carry over).
@@ -157,7 +148,7 @@ def check_resumable(folder: Path, cfg: Config, world_size: int, steps_per_epoch:
     import yaml
 
     # Compared as plain values, so a checkpoint of an older version with keys since renamed still reads.
-    saved, now = _flat(yaml.safe_load((folder / "config.yaml").read_text()) or {}), _flat(to_dict(cfg))
+    saved, now = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {}), flatten(to_dict(cfg))
     differ = [k for k in SHAPE_KEYS if saved.get(k) != now.get(k)]
     fresh = "or start a new run: checkpoint.resume=none, or another checkpoint.output_dir"
     if differ:

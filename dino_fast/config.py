@@ -202,12 +202,13 @@ def _set(cfg: Config, key: str, value: Any) -> None:
             node = getattr(node, part)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"arch": ...}, "seed": 0}`` → ``{"model.arch": ..., "seed": 0}``."""
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            flat.update(_flatten(v, key + "."))
+            flat.update(flatten(v, key + "."))
         else:
             flat[key] = v
     return flat
@@ -238,7 +239,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(tree).__name__}")
-        for key, value in _flatten(tree).items():
+        for key, value in flatten(tree).items():
             _set(cfg, key, value)
     for text in overrides:
         _set(cfg, *parse_override(text))
@@ -287,6 +288,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def from_dict(tree: dict[str, Any]) -> Config:
     cfg = Config()
-    for key, value in _flatten(tree).items():
+    for key, value in flatten(tree).items():
         _set(cfg, key, value)
     return cfg

@@ -341,10 +341,10 @@ def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: Teach
 
     Raises NonFiniteLossError (message: the loss value) before any update when the loss is not finite.
     """
-    # Each phase is a named profiler range (benchmarks/bench_profile.py splits the step's time by them); outside a
-    # profiler a range costs about a microsecond.
     if cfg.model.compile:  # a new iteration: CUDA-graph outputs of the last one may be overwritten from here on
         torch.compiler.cudagraph_mark_step_begin()
+    # Each phase is a named profiler range (benchmarks/bench_profile.py splits the step's time by them); outside a
+    # profiler a range costs about a microsecond.
     # ---- schedules
     for i, group in enumerate(engine.optimizer.param_groups):
         group["lr"] = lr
