@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from child_env import clean_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,11 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from beton_reader import stored_images
 from PIL import Image
 
 from pipelines.convert import convert_folder, main
 from pipelines.folder import DataError
+
+from beton_reader import stored_images
 
 REPO = Path(__file__).resolve().parents[1]
 

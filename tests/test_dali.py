@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from child_env import clean_env
 from PIL import Image
 
 from pipelines.dali import AUX_FIELDS, DaliMultiCropLoader, build_pipeline, colour_jitter  # no DALI: a failure
 from pipelines.folder import DataError, ImageList, list_images
 from pipelines.spec import MultiCropSpec
 from pipelines.torch_loader import sample_resized_crop
+
+from child_env import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

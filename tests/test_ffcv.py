@@ -18,8 +18,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from beton_reader import stored_images
-from child_env import clean_env
 from PIL import Image
 
 from dino_fast.config import DataConfig
@@ -27,6 +25,9 @@ from pipelines.convert import convert_folder
 from pipelines.folder import DataError
 from pipelines.spec import MultiCropSpec
 from pipelines.torch_loader import epoch_indices, sample_resized_crop
+
+from beton_reader import stored_images
+from child_env import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 48), (48, 64), (80, 80), (120, 40), (90, 70), (70, 100)]  # (width, height); 120×40 is 3:1

@@ -13,6 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
+from dino_fast.config import load_config
+from dino_fast.train import train
+
 from runs import (
     REPO,
     ckpt_dir,
@@ -24,9 +28,6 @@ from runs import (
     trainer_process,
     wait_for_steps,
 )
-
-from dino_fast.config import load_config
-from dino_fast.train import train
 
 
 def _child_overrides(tiny_overrides: list[str], run: Path, workers: int) -> list[str]:

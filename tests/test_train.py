@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from child_env import clean_env
 from PIL import Image
-from runs import REPO, ckpt_dir, free_port, run_main, student_state
 
 from dino_fast.config import load_config
 from dino_fast.train import train
+
+from child_env import clean_env
+from runs import REPO, ckpt_dir, free_port, run_main, student_state
 
 
 def test_resume_follows_the_uninterrupted_trajectory(tiny_overrides, tmp_path):
