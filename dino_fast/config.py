@@ -64,6 +64,9 @@ class DinoConfig:
     momentum_teacher: float = 0.996
     loss_impl: str = "auto"  # auto | eager | triton   (env DINO_FAST_LOSS overrides)
     ema_impl: str = "auto"  # auto | foreach | triton  (env DINO_FAST_EMA overrides)
+    centering: str = "centering"  # centering (the reference) | sinkhorn_knopp (DINOv2's teacher targets)
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop CLS features; 0: off (reference)
 
 
 @dataclass
@@ -101,6 +104,7 @@ class LoggingConfig:
     progress: str = "auto"  # auto (rich live bar on a TTY, plain lines otherwise) | rich | plain | none
     print_every: int = 10  # plain-line interval in steps
     metrics_file: str = "metrics.jsonl"
+    summary: bool = True  # at the end: k-NN, loss and entropy start → end, and <output_dir>/metrics.png
 
 
 @dataclass
@@ -131,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("torch", "dali", "ffcv"),
     "dino.loss_impl": ("auto", "eager", "triton"),
     "dino.ema_impl": ("auto", "foreach", "triton"),
+    "dino.centering": ("centering", "sinkhorn_knopp"),
     "deepspeed.precision": ("auto", "bf16", "fp32"),
     "logging.progress": ("auto", "rich", "plain", "none"),
 }
@@ -260,6 +265,10 @@ def validate(cfg: Config) -> None:
         (cfg.deepspeed.zero_stage in (0, 1, 2),
          "deepspeed.zero_stage must be 0, 1 or 2 (ZeRO-3 shards the student, which the teacher EMA reads whole)"),
         (cfg.model.out_dim >= 2, "model.out_dim must be ≥ 2"),
+        (cfg.dino.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations must be ≥ 1"),
+        (cfg.dino.koleo_weight >= 0, "dino.koleo_weight must be ≥ 0"),
+        (cfg.dino.koleo_weight == 0 or cfg.data.batch_size_per_gpu >= 2,
+         "dino.koleo_weight needs data.batch_size_per_gpu ≥ 2 (nearest neighbours within a crop's batch)"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1"),
         (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
          "crop scales must lie in (0, 1]"),

@@ -90,16 +90,21 @@ def center_norm(center: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def health_metrics(student_output: torch.Tensor | None, teacher_output: torch.Tensor, center: torch.Tensor,
                    teacher_temp: float, student_temp: float, ncrops: int,
-                   loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   loss: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """All health metrics of one step as 0-dim float32 tensors (stack them with the loss for one host sync).
 
     Keys: teacher_entropy, teacher_batch_entropy, teacher_student_kl, center_norm. With ``loss`` (the step's
     DINO loss) the KL is ``loss − teacher_entropy`` and the student logits are not read (``student_output`` may
     be None); without it the KL is computed from the student logits. Either way the KL is exact only with the
     center the loss used: clone it before ``DINOLoss.forward`` updates it (the updated one is one EMA step off).
+    ``targets`` (rows are distributions, e.g. Sinkhorn-Knopp's) replace the centered teacher softmax when given.
     """
-    logq = _teacher_log_probs(teacher_output, center, teacher_temp)
-    q = logq.exp()
+    if targets is not None:
+        q = targets.detach().float()
+        logq = q.clamp_min(1e-30).log()
+    else:
+        logq = _teacher_log_probs(teacher_output, center, teacher_temp)
+        q = logq.exp()
     entropy = _entropy(q, logq)
     if loss is not None:
         kl = loss.detach().float() - entropy

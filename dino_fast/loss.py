@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.sinkhorn import sinkhorn_knopp
 from dino_fast.schedules import teacher_temp_schedule
 
 
@@ -35,6 +36,10 @@ class DINOLoss(nn.Module):
         student_temp: τs.
         center_momentum: EMA factor of the center.
         impl: "auto" | "eager" | "triton" (see :func:`select_loss_impl`).
+        centering: "centering" (the reference: softmax((t − center)/τt)) or "sinkhorn_knopp" (DINOv2's doubly
+            normalised targets, :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`; the center is still tracked, for the
+            health metrics, but not used).
+        sinkhorn_iterations: normalisation rounds of Sinkhorn-Knopp.
     """
 
     def __init__(
@@ -48,6 +53,8 @@ class DINOLoss(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         impl: str = "auto",
+        centering: str = "centering",
+        sinkhorn_iterations: int = 3,
     ):
         super().__init__()
         self.student_temp = student_temp
@@ -58,6 +65,10 @@ class DINOLoss(nn.Module):
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
         )
         self.requested_impl = impl
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         self.impl = select_loss_impl(impl, "cpu")
 
     def _apply(self, fn, *args, **kwargs):
@@ -66,11 +77,26 @@ class DINOLoss(nn.Module):
         self.impl = select_loss_impl(self.requested_impl, self.center.device)
         return out
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Shapes: student_output [ncrops·B, K], teacher_output [2·B, K]; returns a scalar fp32 loss."""
+    def sinkhorn_targets(self, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor | None:
+        """The Sinkhorn-Knopp targets [2·B, K] of this step (None with the reference centering)."""
+        if self.centering != "sinkhorn_knopp":
+            return None
+        return sinkhorn_knopp(teacher_output, float(self.teacher_temp_schedule[epoch]), self.sinkhorn_iterations)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes: student_output [ncrops·B, K], teacher_output [2·B, K]; returns a scalar fp32 loss.
+
+        With Sinkhorn-Knopp centering, ``targets`` (from :meth:`sinkhorn_targets`, computed here if None) replace
+        the centered teacher softmax."""
         temp = float(self.teacher_temp_schedule[epoch])
-        fn = ops.IMPLEMENTATIONS[self.impl]
-        loss, colsum = fn(student_output, teacher_output, self.center, temp, self.student_temp, self.ncrops)
+        if self.centering == "sinkhorn_knopp":
+            q = self.sinkhorn_targets(teacher_output, epoch) if targets is None else targets
+            loss = ops.dino_loss_from_targets(student_output, q, self.student_temp, self.ncrops, self.impl)
+            colsum = teacher_output.detach().float().sum(dim=0, keepdim=True)
+        else:
+            fn = ops.IMPLEMENTATIONS[self.impl]
+            loss, colsum = fn(student_output, teacher_output, self.center, temp, self.student_temp, self.ncrops)
         self.update_center(colsum, teacher_output.shape[0])
         return loss
 

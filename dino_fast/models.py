@@ -73,7 +73,8 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, patch_
 class MultiCropWrapper(nn.Module):
     """Runs consecutive crops of equal resolution as one backbone batch, then the head once on all features.
 
-    Shape: list of [B, 3, S_i, S_i] → [len(crops)·B, out_dim], rows in crop order.
+    Shape: list of [B, 3, S_i, S_i] → [len(crops)·B, out_dim], rows in crop order. With ``return_backbone`` also
+    the backbone's CLS features [len(crops)·B, D] (for a regulariser on them, e.g. KoLeo): ``(features, logits)``.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
@@ -81,7 +82,8 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor,
+                return_backbone: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features = []
@@ -92,7 +94,9 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(features))
+        features = torch.cat(features)
+        logits = self.head(features)
+        return (features, logits) if return_backbone else logits
 
 
 def build_student_teacher(model_cfg, img_size: int) -> tuple[MultiCropWrapper, MultiCropWrapper]:

@@ -431,3 +431,48 @@ def dino_loss_triton(
 
 if triton is not None:
     IMPLEMENTATIONS["triton"] = dino_loss_triton
+
+
+# ---- the loss from given teacher targets (Sinkhorn-Knopp centering: the targets are not a centered softmax)
+
+
+class _TargetsLossFunction(torch.autograd.Function):
+    """Fused student kernel against precomputed targets q [2, B, K]; gradient computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, student_output: torch.Tensor, q: torch.Tensor, student_temp: float, ncrops: int,
+                compute_grad: bool):
+        b, k = q.shape[1], q.shape[2]
+        loss, grad = student_loss_and_grad(student_output, _targets_from_probabilities(q.view(2 * b, k)),
+                                           student_temp, ncrops, compute_grad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_loss.to(grad.dtype)), None, None, None, None
+
+
+def _targets_from_probabilities(q: torch.Tensor) -> TeacherTargets:
+    """Dense probabilities [R, K] as the student kernel's block form: e = q, every block max 0, block sums of q."""
+    rows, k = q.shape
+    block = _pow2_block(TEACHER_CONFIG[0], k)
+    nblocks = triton.cdiv(k, block)
+    e = q.float().contiguous()
+    padded = torch.nn.functional.pad(e, (0, nblocks * block - k))
+    block_sum = padded.view(rows, nblocks, block).sum(-1)
+    return TeacherTargets(e, torch.zeros_like(block_sum), block_sum, block)
+
+
+def dino_loss_from_targets(student_output: torch.Tensor, targets: torch.Tensor, student_temp: float, ncrops: int,
+                           impl: str = "eager") -> torch.Tensor:
+    """The DINO cross-entropy against given teacher targets ``[2·B, K]`` (rows are distributions, e.g. from
+    :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`); same pairs, folding and gradient as :func:`dino_loss_eager`.
+    ``impl``: "eager" or "triton" (the fused student kernel reading the dense targets)."""
+    b, k = _check_shapes(student_output, targets, targets.new_zeros(1, targets.shape[1]), ncrops)
+    want_grad = torch.is_grad_enabled() and student_output.requires_grad
+    with torch.autocast(device_type=student_output.device.type, enabled=False):
+        q = targets.detach().float().view(2, b, k)
+        fn = _TargetsLossFunction if impl == "triton" else _EagerDINOLossFunction
+        return fn.apply(student_output, q, student_temp, ncrops, want_grad)

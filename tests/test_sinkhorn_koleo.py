@@ -1,0 +1,133 @@
+"""Sinkhorn-Knopp teacher targets and the KoLeo regulariser against independent float64 computations, the loss on
+given targets (eager and the Triton student kernel) against the literal pair sum, and the distributed SK."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dino_fast.koleo import koleo_loss
+from dino_fast.loss import DINOLoss
+from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.sinkhorn import sinkhorn_knopp
+
+
+def sinkhorn_float64(logits: torch.Tensor, temp: float, iterations: int) -> torch.Tensor:
+    """The alternating normalisation written out in float64 on the whole global batch (B × K, rows = images)."""
+    p = torch.exp(logits.double() / temp)
+    p = p / p.sum()
+    b, k = p.shape
+    for _ in range(iterations):
+        p = p / p.sum(0, keepdim=True) / k
+        p = p / p.sum(1, keepdim=True) / b
+    return p * b
+
+
+def pair_sum_with_targets(student, q, s_temp, ncrops):
+    s = (student.double() / s_temp).chunk(ncrops)
+    qs = q.double().chunk(2)
+    terms = [torch.sum(-qs[iq] * torch.log_softmax(s[v], -1), -1).mean() for iq in range(2) for v in range(ncrops)
+             if v != iq]
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("b, k, temp", [(4, 17, 0.05), (16, 1000, 0.02), (3, 4096, 0.01)])
+def test_sinkhorn_matches_float64_and_normalises(b, k, temp):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(b, k, generator=g)  # cosine-like logits; exp(1/0.01) overflows without the max shift
+    q = sinkhorn_knopp(logits, temp, 3)
+    ref = sinkhorn_float64(logits, temp, 3)
+    torch.testing.assert_close(q.double(), ref, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(q.sum(1).double(), torch.ones(b, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(q).all()
+
+
+def test_sinkhorn_spreads_targets_that_centering_leaves_on_one_prototype():
+    """Every row prefers prototype 0 by the same margin: a centered softmax (center 0, a fresh run) puts all the mass
+    there, Sinkhorn-Knopp makes the batch use its prototypes evenly (column sums → B/K)."""
+    b, k = 8, 8
+    logits = torch.randn(b, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    logits[:, 0] += 0.2
+    q = sinkhorn_knopp(logits, 0.05, 50)
+    assert torch.softmax(logits / 0.05, -1)[:, 0].mean() > 0.8
+    torch.testing.assert_close(q.sum(0), torch.full((k,), b / k), rtol=1e-3, atol=1e-3)
+
+
+def _sk_worker(rank, world, port, logits, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    out[rank] = sinkhorn_knopp(logits.chunk(world)[rank], 0.04, 3)
+    torch.distributed.destroy_process_group()
+
+
+def test_sinkhorn_normalises_over_the_global_batch_across_ranks():
+    logits = torch.randn(12, 33, generator=torch.Generator().manual_seed(3))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_sk_worker, args=(2, port, logits, out), nprocs=2)
+    torch.testing.assert_close(torch.cat([out[0], out[1]]).double(), sinkhorn_float64(logits, 0.04, 3),
+                               rtol=1e-4, atol=1e-9)
+
+
+def koleo_float64(x: torch.Tensor) -> torch.Tensor:
+    """−mean log of each row's distance to its nearest other row, all pairs enumerated, in float64."""
+    x = torch.nn.functional.normalize(x.double(), dim=-1)
+    eye = torch.eye(x.shape[0], dtype=torch.bool)
+    d = torch.where(eye, torch.inf, torch.cdist(x, x))
+    return -torch.log(d.min(dim=1).values).mean()
+
+
+@pytest.mark.parametrize("b, d", [(2, 3), (7, 16), (32, 192)])
+def test_koleo_matches_float64_value_and_gradient(b, d):
+    x = torch.randn(b, d, generator=torch.Generator().manual_seed(b)).requires_grad_(True)
+    loss = koleo_loss(x)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_(True)
+    ref = koleo_float64(x64)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_koleo_is_lower_for_spread_features_than_for_a_collapsed_batch():
+    spread = torch.eye(8)
+    collapsed = torch.ones(8, 8) + 0.01 * torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    assert koleo_loss(spread) < 0 < koleo_loss(collapsed)  # √2 apart: −log √2 < 0; near-identical rows: large
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        koleo_loss(torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("ncrops, b, k", [(2, 3, 17), (6, 4, 1271), (10, 2, 4096)])
+def test_loss_on_given_targets_matches_the_pair_sum(impl, ncrops, b, k):
+    if impl == "triton" and ("triton" not in ops.IMPLEMENTATIONS or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.fail("the Triton interpreter must be on for CPU runs (tests/conftest.py sets TRITON_INTERPRET=1)")
+    g = torch.Generator().manual_seed(ncrops + k)
+    student = torch.randn(ncrops * b, k, generator=g) * 3
+    q = sinkhorn_knopp(torch.randn(2 * b, k, generator=g), 0.04, 3)
+    s = student.clone().requires_grad_(True)
+    loss = ops.dino_loss_from_targets(s, q, 0.1, ncrops, impl)
+    (2.5 * loss).backward()
+    s64 = student.double().requires_grad_(True)
+    ref = pair_sum_with_targets(s64, q, 0.1, ncrops)
+    (2.5 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dino_loss_with_sinkhorn_centering_uses_sk_targets_and_still_tracks_the_center():
+    ncrops, b, k = 4, 5, 64
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(ncrops * b, k, generator=g), torch.randn(2 * b, k, generator=g)
+    loss_fn = DINOLoss(k, ncrops, 0.04, 0.04, 0, 1, impl="eager", centering="sinkhorn_knopp")
+    loss = loss_fn(student, teacher, 0)
+    ref = pair_sum_with_targets(student, sinkhorn_float64(teacher, 0.04, 3), 0.1, ncrops)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_fn.center.double(), 0.1 * teacher.double().mean(0, keepdim=True), rtol=1e-6,
+                               atol=1e-7)
+    with pytest.raises(ValueError, match="centering must be"):
+        DINOLoss(k, ncrops, 0.04, 0.04, 0, 1, centering="sinkhorn")
