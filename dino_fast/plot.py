@@ -13,11 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers, and no GUI toolkit import
-import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
-
 # (panel title, y label, [(metrics key, line label)]) in display order.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("loss", "loss (nats)", [("loss", "loss")]),
@@ -77,6 +72,11 @@ def plot_metrics(runs: dict[str, list[dict]], out: str | Path, title: str | None
     Returns:
         the titles of the panels drawn, in order.
     """
+    import matplotlib  # here, not at import: reading metrics (the trainer's end-of-run summary) needs no matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers, and no GUI toolkit import
+    import matplotlib.pyplot as plt
+
     present = [(t, yl, keys) for t, yl, keys in PANELS
                if any(_series(recs, key)[0] for recs in runs.values() for key, _ in keys)]
     if not present:

@@ -30,11 +30,13 @@ from dino_fast.checkpoint import Checkpointer, CheckpointError, TrainPosition, c
 from dino_fast.config import Config, ConfigError, load_config, save_config
 from dino_fast.dist import any_rank
 from dino_fast.health import CollapseDetector, health_metrics
+from dino_fast.koleo import koleo_loss
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from dino_fast.progress import MetricsLog, Progress
 from dino_fast.schedules import cosine_scheduler, momentum_schedule
+from dino_fast.summary import summarise_run
 from dino_fast.teacher import TeacherEMA
 from pipelines.build import build_loader
 from pipelines.folder import DataError
@@ -109,7 +111,8 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
     ncrops = 2 + cfg.data.local_crops_number
     dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
                          cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
-                         cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
+                         cfg.dino.center_momentum, impl=cfg.dino.loss_impl, centering=cfg.dino.centering,
+                         sinkhorn_iterations=cfg.dino.sinkhorn_iterations).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   fused=True)  # one multi-tensor kernel per group (torch has it for CPU and CUDA)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
@@ -315,6 +318,9 @@ def train(cfg: Config) -> dict:
         how = f"stopped by signal {stop['signal']}" if stop["signal"] is not None else "done"
         progress.info(f"{how}: {pos.global_step} steps; checkpoint {ckpt.latest()}; "
                       f"metrics {out_dir / cfg.logging.metrics_file}; output {out_dir.resolve()}")
+        if cfg.logging.summary:
+            for line in summarise_run(out_dir / cfg.logging.metrics_file, cfg.model.out_dim):
+                progress.info(line)
     return last
 
 
@@ -353,18 +359,28 @@ def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: Teach
     # ---- forward: teacher on the globals, student on every crop
     with record_function("dino:teacher_forward"), torch.no_grad(), teacher_ctx():
         teacher_out = teacher(crops[:2])
+    koleo_weight = cfg.dino.koleo_weight
     with record_function("dino:student_forward"):
-        student_out = engine(crops)
+        student_out = engine(crops, return_backbone=True) if koleo_weight else engine(crops)
+        if koleo_weight:  # DINOv2: KoLeo on each global crop's CLS features, added to the DINO loss
+            features, student_out = student_out
+            koleo = sum(koleo_loss(f) for f in features[: 2 * crops[0].shape[0]].chunk(2))
     with record_function("dino:loss"):
         center = dino_loss.center.clone()  # the center this loss uses (forward updates it)
-        loss = dino_loss(student_out, teacher_out, epoch)
+        targets = dino_loss.sinkhorn_targets(teacher_out, epoch)
+        dino = dino_loss(student_out, teacher_out, epoch, targets=targets)
+        loss = dino + koleo_weight * koleo if koleo_weight else dino
     with record_function("dino:health_sync"):
         health = health_metrics(None, teacher_out, center, float(dino_loss.teacher_temp_schedule[epoch]),
-                                dino_loss.student_temp, dino_loss.ncrops, loss=loss)
-        values = torch.stack([loss.detach().float(), *health.values()]).tolist()  # the step's one host sync
+                                dino_loss.student_temp, dino_loss.ncrops, loss=dino, targets=targets)
+        if koleo_weight:
+            health["koleo"] = koleo.detach().float()
+        # "loss" is the DINO loss (comparable with ln K and the reference); the KoLeo term is logged on its own.
+        values = torch.stack([dino.detach().float(), *health.values()]).tolist()  # the step's one host sync
     out = dict(zip(["loss", *health], values))
-    if not math.isfinite(out["loss"]):
-        raise NonFiniteLossError(str(out["loss"]))
+    for key in ("loss", "koleo"):
+        if not math.isfinite(out.get(key, 0.0)):
+            raise NonFiniteLossError(str(out[key]) + ("" if key == "loss" else f" ({key})"))
     # ---- backward, clip, freeze, step
     with record_function("dino:backward"):
         engine.backward(loss)
