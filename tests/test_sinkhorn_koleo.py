@@ -131,3 +131,14 @@ def test_dino_loss_with_sinkhorn_centering_uses_sk_targets_and_still_tracks_the_
                                atol=1e-7)
     with pytest.raises(ValueError, match="centering must be"):
         DINOLoss(k, ncrops, 0.04, 0.04, 0, 1, centering="sinkhorn")
+
+
+def test_compiled_sinkhorn_equals_eager():
+    """The fused form used on CUDA (torch.compile of the one-rank arithmetic; inductor's CPU backend here)."""
+    from dino_fast.ops.sinkhorn import _single_rank
+
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
+    compiled = torch.compile(_single_rank, dynamic=False)
+    torch.testing.assert_close(compiled(logits, 0.02, 3), _single_rank(logits, 0.02, 3), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(_single_rank(logits, 0.02, 3).double(), sinkhorn_float64(logits, 0.02, 3),
+                               rtol=1e-4, atol=1e-9)

@@ -2,33 +2,47 @@
 
 Instead of ``softmax((t − c)/τt)`` with a running center c, the teacher's targets for a batch are the doubly
 normalised ``exp(t/τt)``: every row (image) sums to 1 and every column (prototype) to B/K over the global batch,
-so the targets cannot all pick the same prototypes (one-hot collapse) nor ignore the image (each iteration rescales
+so the targets cannot all pick the same prototypes (one-hot collapse) nor ignore the image (each round rescales
 the columns the batch over-uses). Three normalisation rounds, as DINOv2.
 
-Computed in the log domain (each normalisation subtracts a log-sum-exp), so neither ``exp(t/τt)`` overflowing nor a
-whole column underflowing at small τt (cosine logits / 0.01 span e^200) can give inf or 0/0. Distributed: the
-column log-sum-exps run over all ranks' rows (an all-reduce MAX, then SUM), so every rank normalises against the
-whole global batch while its rows stay on it.
+Each column is first shifted by its maximum over the global batch (an all-reduce MAX). A per-column factor cancels
+in the first column normalisation, so the result is unchanged, but ``exp`` can no longer overflow at small τt
+(cosine logits / 0.01 span e^200) and no column can underflow to all zeros (its largest entry is exactly 1).
+Distributed: the column sums are all-reduced, so every rank normalises against the whole global batch while its
+rows stay on it. On CUDA with one rank the arithmetic runs as one compiled (fused) function.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 
 
-def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    if _world() > 1:
+        dist.all_reduce(x, op=op)
     return x
 
 
-def _column_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """log Σ_rows exp(x) per column over every rank's rows: [R, K] → [1, K]."""
-    m = _all_reduce(x.max(dim=0, keepdim=True).values, dist.ReduceOp.MAX if dist.is_available() else None)
-    return m + torch.log(_all_reduce(torch.exp(x - m).sum(dim=0, keepdim=True)))
+def _normalise(t: torch.Tensor, column_max: torch.Tensor, teacher_temp: float, n_iterations: int,
+               total_rows: int, reduce_columns) -> torch.Tensor:
+    q = torch.exp((t - column_max) / teacher_temp)
+    k = q.shape[1]
+    for _ in range(n_iterations):
+        q = q / (reduce_columns(q.sum(dim=0, keepdim=True)) * k)  # each prototype: total mass 1/K
+        q = q / (q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny) * total_rows)  # each image: 1/B
+    return q * total_rows
+
+
+def _single_rank(t: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
+    return _normalise(t, t.max(dim=0, keepdim=True).values, teacher_temp, n_iterations, t.shape[0], lambda s: s)
+
+
+_compiled_single_rank = None
 
 
 @torch.no_grad()
@@ -38,12 +52,16 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     Each round: columns ← column / (K · column sum over all ranks' rows), then rows ← row / (B · row sum), B the
     global number of rows; the result is scaled by B so each row is a distribution.
     """
+    global _compiled_single_rank
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
-        log_q = teacher_logits.detach().float() / teacher_temp
-        rows, k = log_q.shape
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        log_k, log_b = math.log(k), math.log(rows * world)
-        for _ in range(n_iterations):
-            log_q = log_q - (_column_logsumexp(log_q) + log_k)  # each prototype: total mass 1/K
-            log_q = log_q - (torch.logsumexp(log_q, dim=1, keepdim=True) + log_b)  # each image: total mass 1/B
-        return torch.exp(log_q + log_b)
+        t = teacher_logits.detach().float()
+        world = _world()
+        if world == 1:
+            if t.is_cuda:  # one fused kernel chain instead of ~5 launches per round over [R, K]
+                if _compiled_single_rank is None:
+                    _compiled_single_rank = torch.compile(_single_rank, dynamic=False)
+                return _compiled_single_rank(t, teacher_temp, n_iterations)
+            return _single_rank(t, teacher_temp, n_iterations)
+        column_max = _all_reduce(t.max(dim=0, keepdim=True).values, dist.ReduceOp.MAX)
+        return _normalise(t, column_max, teacher_temp, n_iterations, t.shape[0] * world,
+                          lambda s: _all_reduce(s, dist.ReduceOp.SUM))
