@@ -18,6 +18,7 @@ import torch
 
 ONE_HOT_FRACTION = 0.05  # one-hot collapse: entropy below 5% of its maximum ln K (0.55 nats for K = 65536)
 UNIFORM_TOLERANCE = 0.01  # uniform collapse: loss within 1% of ln K, or entropy above 99% of ln K
+UNIFORM_LOSS_ENTROPY_FRACTION = 0.9  # ... the loss test only while the teacher's targets are near-flat too
 
 
 def _teacher_log_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -121,8 +122,10 @@ def collapse_warning(entropy: float, loss: float, k: int, *, batch_entropy: floa
     """A one-line warning when the step's numbers look collapsed, else None.
 
     - one-hot: entropy < 5% of ln K; the batch entropy is used when given (a sharp but diverse teacher is fine);
-    - uniform (only after ``warmup_steps``, since a fresh run starts near ln K): |loss − ln K| ≤ 1% of ln K, or
-      entropy ≥ 99% of ln K.
+    - uniform (only after ``warmup_steps``, since a fresh run starts near ln K): |loss − ln K| ≤ 1% of ln K while
+      the teacher's entropy is ≥ 90% of ln K, or entropy ≥ 99% of ln K. A loss near ln K alone is not collapse:
+      the loss is H(teacher) + KL, and a student that has not yet learnt to predict sharp, diverse targets (e.g.
+      Sinkhorn-Knopp's, entropy well below ln K) also sits near ln K.
     """
     ln_k = math.log(k)
     one_hot_measure = batch_entropy if batch_entropy is not None else entropy
@@ -132,7 +135,7 @@ def collapse_warning(entropy: float, loss: float, k: int, *, batch_entropy: floa
                 f"{ONE_HOT_FRACTION * ln_k:.2f}: the teacher collapsed to one prototype (sharpening won); raise "
                 f"dino.teacher_temp or lower optim.lr")
     if step >= warmup_steps:
-        if abs(loss - ln_k) <= UNIFORM_TOLERANCE * ln_k:
+        if abs(loss - ln_k) <= UNIFORM_TOLERANCE * ln_k and entropy >= UNIFORM_LOSS_ENTROPY_FRACTION * ln_k:
             return (f"step {step}: loss {loss:.3f} ≈ ln K = {ln_k:.3f}: uniform collapse (teacher and student "
                     f"output the same flat distribution); lower dino.teacher_temp or its warm-up")
         if entropy >= (1 - UNIFORM_TOLERANCE) * ln_k:

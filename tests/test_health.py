@@ -146,3 +146,27 @@ def test_detector_rearms_after_a_lasting_recovery():
     assert detector.update(4, *flat) is None  # flickering around the threshold: still the same episode
     assert [detector.update(s, *healthy) for s in (5, 6, 7)] == [None, None, None]  # healthy for `rearm` checks
     assert detector.update(8, *flat) is not None  # a new episode warns again
+
+
+def test_a_real_run_that_collapses_gets_the_warning(tiny_overrides, capsys):
+    """A real (tiny) training run whose teacher is softer than its student (τt = 1 > τs = 0.1: no sharpening, so
+    centering flattens every target) sits at ln K, and the trainer prints the uniform-collapse warning once."""
+    from dino_fast.config import load_config
+    from dino_fast.train import train
+
+    overrides = [o for o in tiny_overrides if not o.startswith("logging.progress")]
+    last = train(load_config(None, overrides + [
+        "logging.progress=plain", "optim.max_steps=8", "optim.warmup_epochs=0", "dino.teacher_temp=1.0",
+        "dino.warmup_teacher_temp=1.0", "checkpoint.every_steps=0"]))
+    out = capsys.readouterr().out
+    assert last["teacher_entropy"] >= 0.99 * math.log(256)  # model.out_dim=256 in the tiny config
+    assert out.count("uniform") == 1 and "warning:" in out, out
+
+
+def test_loss_near_ln_k_with_sharp_targets_is_not_uniform_collapse():
+    """Sinkhorn-Knopp targets of entropy 6.4 of ln K = 8.3 with a student that has not learnt them yet: the loss
+    (H + KL) sits near ln K, but nothing is flat, so no uniform-collapse warning; a flat teacher at that loss is."""
+    k = 4096
+    ln_k = math.log(k)
+    assert health.collapse_warning(6.4, ln_k - 0.05, k, batch_entropy=8.2, step=100) is None
+    assert "uniform collapse" in health.collapse_warning(0.95 * ln_k, ln_k - 0.05, k, batch_entropy=8.3, step=100)
