@@ -5,7 +5,9 @@ Providers (all return ``(loss, teacher_colsum)`` for the same inputs):
   * ``compile``     ``torch.compile`` of that loop (a failure is recorded and the run goes on; a compile-time budget
                     skips the rest once spent);
   * ``ours``        ``dino_loss_triton`` on CUDA, ``dino_loss_eager`` (fused, analytic gradient) on CPU;
-  * ``eager-fused`` ``dino_loss_eager`` on CUDA too (the fallback path).
+  * ``eager-fused`` ``dino_loss_eager`` on CUDA too (the fallback path);
+  * ``ours-sinkhorn`` the ``dino.centering=sinkhorn_knopp`` path: Sinkhorn-Knopp targets (3 rounds, compiled on
+                    CUDA) and the loss on them (the fused student kernel on CUDA), to compare with ``ours``.
 bf16 configurations run under ``torch.autocast(bfloat16)`` as training does (the reference's softmaxes then run in
 fp32). Per provider: forward, backward and full-step time (median, p20, p80), peak extra memory, and the full step
 against a memory-bandwidth floor: the minimum bytes (read student once, read teacher once, write the student
@@ -37,6 +39,7 @@ from benchmarks.common import (
 )
 from benchmarks.reference import reference_dino_loss
 from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.sinkhorn import sinkhorn_knopp
 
 TEACHER_TEMP, STUDENT_TEMP, K = 0.04, 0.1, 65536
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -59,11 +62,19 @@ def providers(device: torch.device, ncrops: int, with_compile: bool) -> dict[str
     if with_compile:
         torch._dynamo.reset()  # a fresh cache per configuration: no recompile limit, compile time measured alone
         out["compile"] = bind(torch.compile(reference_dino_loss, dynamic=False))
-    if device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS:
+    fused = device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS
+    if fused:
         out["ours"] = bind(ops.dino_loss_triton)
         out["eager-fused"] = bind(ops.dino_loss_eager)
     else:
         out["ours"] = bind(ops.dino_loss_eager)
+
+    def sinkhorn_loss(s, t, c):
+        q = sinkhorn_knopp(t, TEACHER_TEMP, 3)
+        loss = ops.dino_loss_from_targets(s, q, STUDENT_TEMP, ncrops, "triton" if fused else "eager")
+        return loss, t.float().sum(dim=0, keepdim=True)
+
+    out["ours-sinkhorn"] = sinkhorn_loss
     return out
 
 
