@@ -146,35 +146,38 @@ def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_recipe_beats_the_random_network_at_knn(tmp_path):
-    """The shipped demo recipe, as `make demo` runs it (300 steps on 2,400 textures): the teacher's k-NN on the
-    held-out split ends well above the random network's (measured: 55.25% → 68.75%), the student learns to predict
-    the teacher (the loss falls well below its start), and both k-NN measurements are logged.
+def test_demo_recipe_learns_without_collapse(tmp_path):
+    """The shipped demo recipe, as `make demo` runs it (300 steps on 2,400 textures), meets the small-data targets:
+    the teacher's k-NN on the held-out split ends ≥ 15 points above the random network's, the DINO loss ends more
+    than 1 nat below ln K (a head that learnt nothing sits at ln K), no collapse warning is printed, and the run
+    ends with its summary (k-NN before → after, loss and entropy, the metrics plot it drew).
 
-    In this short run the head's outputs then flatten toward uniform (the collapse warning fires) while the
-    backbone keeps improving; trained 12 epochs on a GPU the k-NN reaches 95%, 40 epochs 100%
-    (benchmarks/results/demo_recipe_h100/).
+    The same recipe with only data.path changed is checked on two held-out datasets in benchmarks/recipe_check.py
+    (README "Small datasets"); the collapse warning itself is tested on a run that does collapse in test_health.py.
     """
     import json
+    import math
 
     env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dino_fast.train", "--config", "dino_fast/configs/demo.yaml",
            f"checkpoint.output_dir={run}", "logging.progress=plain", "checkpoint.every_steps=0"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_top1" in r]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in knn] == [0, 300] and all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
     assert len(steps) == 300
-    assert knn[1]["knn_top1"] >= knn[0]["knn_top1"] + 5, knn  # 8 classes, 400 held-out images
-
-    def mean(key, a, b):
-        return sum(r[key] for r in steps[a:b]) / (b - a)
-
-    assert min(mean("loss", i, i + 10) for i in range(len(steps) - 10)) < mean("loss", 0, 10) - 1.0
+    assert knn[1]["knn_top1"] >= knn[0]["knn_top1"] + 15, knn  # 8 classes, 400 held-out images
+    ln_k = math.log(load_config(REPO / "dino_fast/configs/demo.yaml").model.out_dim)
+    last = sum(r["loss"] for r in steps[-10:]) / 10
+    assert last < ln_k - 1.0, (last, ln_k)
+    output = proc.stdout + proc.stderr
+    assert "collapse" not in output, [line for line in output.splitlines() if "collapse" in line]
     assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 3 k-NN" in proc.stdout
+    assert f"{knn[0]['knn_top1']:.2f}% at the start → {knn[1]['knn_top1']:.2f}% now" in proc.stdout
+    assert f"metrics plot: {run / 'metrics.png'}" in proc.stdout and (run / "metrics.png").stat().st_size > 10_000
 
 
 def test_compiled_backbones_follow_the_eager_run(tiny_overrides, tmp_path):
