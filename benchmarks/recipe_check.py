@@ -34,7 +34,16 @@ def dataset_path(name: str, root: Path) -> str:
     return str(folder / "train")
 
 
-def summarise(run: Path, out_dim: int) -> dict:
+def replay_warnings(steps: list[dict], out_dim: int, warmup_steps: int) -> list[str]:
+    """The collapse warnings the trainer's detector gives on these step records (the current detector's rule)."""
+    from dino_fast.health import CollapseDetector
+
+    detector = CollapseDetector(out_dim, warmup_steps=warmup_steps)
+    found = (detector.update(r["step"], r["teacher_entropy"], r["loss"], r["teacher_batch_entropy"]) for r in steps)
+    return [w for w in found if w]
+
+
+def summarise(run: Path, out_dim: int, warmup_epochs: int) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [r["knn_top1"] for r in records if "knn_top1" in r]
     steps = [r for r in records if "loss" in r]
@@ -47,6 +56,8 @@ def summarise(run: Path, out_dim: int) -> dict:
         "loss_first10": mean("loss", steps[:10]), "loss_last10": mean("loss", steps[-10:]),
         "entropy_first10": mean("teacher_entropy", steps[:10]), "entropy_last10": mean("teacher_entropy", steps[-10:]),
         "ln_k": math.log(out_dim),
+        "collapse_warnings_replayed": replay_warnings(
+            steps, out_dim, warmup_epochs * (max(r["step"] for r in steps if r["epoch"] == 0))),
     }
 
 
@@ -63,9 +74,32 @@ def run_one(name: str, data_root: Path, out_root: Path, extra: list[str]) -> dic
     from dino_fast.config import load_config
 
     cfg = load_config(REPO / "dino_fast/configs/demo.yaml", extra)
-    row = {"dataset": name, "overrides": extra, "wall_s": round(wall, 1), **summarise(run, cfg.model.out_dim),
+    row = {"dataset": name, "overrides": extra, "wall_s": round(wall, 1),
+           **summarise(run, cfg.model.out_dim, cfg.optim.warmup_epochs),
            "collapse_warnings": sum("collapse" in line for line in proc.stdout.splitlines() + proc.stderr.splitlines())}
     return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per dataset: the random network's k-NN, then each recipe's k-NN after, end loss and warnings."""
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    head = "| data set | steps | random network | " + " | ".join(recipes) + " |"
+    lines = [head, "|" + "---|" * (3 + len(recipes))]
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        mine = {r["recipe"]: r for r in rows if r["dataset"] == name}
+        first = next(iter(mine.values()))
+        cells = []
+        for recipe in recipes:
+            r = mine.get(recipe)
+            if r is None:
+                cells.append("not run")
+                continue
+            warned = r.get("collapse_warnings_replayed", [])
+            cells.append(f"**{r['knn_after']:.2f}%** ({r['knn_after'] - r['knn_before']:+.2f}); loss "
+                         f"{r['loss_last10']:.2f} (ln K − {r['ln_k'] - r['loss_last10']:.2f}); "
+                         + ("collapse warning" if warned else "no warning"))
+        lines.append(f"| {name} | {first['steps']} | {first['knn_before']:.2f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,8 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default="data/heldout")
     parser.add_argument("--runs", default="runs/recipe_check")
     parser.add_argument("--out", default="")
+    parser.add_argument("--replay", nargs="+", default=None, metavar="RUN",
+                        help="only re-read finished run folders (<runs>/<set>) and print their rows")
+    parser.add_argument("--table", default=None, metavar="JSON", help="print the Markdown table of a results file")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (tuning only)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())["rows"]))
+        return
+    if args.replay:
+        from dino_fast.config import load_config
+
+        for folder in map(Path, args.replay):
+            cfg = load_config(folder / "config.yaml")
+            print(json.dumps({"run": str(folder), **summarise(folder, cfg.model.out_dim, cfg.optim.warmup_epochs)}))
+        return
     rows = []
     for name in args.sets:
         row = run_one(name, Path(args.data_root), Path(args.runs), args.overrides)
