@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench gpu-wheels clean
+.PHONY: setup demo test lint bench gpu-wheels ffcv-carry clean
 
 $(STAMP): pyproject.toml
 	@if ! dpkg -s libturbojpeg0-dev libopencv-dev pkg-config >/dev/null 2>&1; then \
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q numpy numba "timm==1.0.31" "deepspeed==0.19.8" rich pyyaml safetensors pillow \
-		"nvidia-dali-cuda130==2.4.0" pytest ruff matplotlib
+		"nvidia-dali-cuda130==2.4.0" pytest ruff matplotlib scikit-image
 	$(PIP) install -q "ffcv==1.0.2"
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
@@ -46,6 +46,12 @@ gpu-wheels: setup
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 		hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 		typing_extensions==4.16.0
+
+# FFCV for the lent GPU machine (Python 3.12, no ffcv, no registry): the package, its C extension built for 3.12
+# (when a 3.12 with headers is here; else the installed build under a suffix every CPython imports) and the shared
+# libraries it links, checked to load from there; ~23 MiB in .ffcv_carry/ (git-ignored), carried by gpu_check.sh.
+ffcv-carry: setup
+	$(PY) -m benchmarks.ffcv_carry --out .ffcv_carry
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -3,15 +3,16 @@
 Providers, all built by ``pipelines.build.build_loader`` from a ``DataConfig`` on the same cores and batch size:
   * ``torch`` the reference augmentation on PIL in DataLoader workers (the baseline);
   * ``dali``  the DALI graph (``device=cuda``: nvJPEG "mixed" decode and GPU augmentation; else DALI's CPU ops);
-  * ``ffcv``  the folder converted once to a .beton by ``pipelines.convert.convert_folder``, then FFCV's loader.
+  * ``ffcv``  the folder converted once to a .beton by ``pipelines.convert.convert_folder``, then FFCV's loader;
+    one provider ``ffcv@R`` per stored resolution R (longest side) of ``--ffcv-resolutions``.
 A provider that cannot be imported or built is recorded as ``unavailable: <reason>`` instead of stopping the run.
 
 Configs: 2×224 + 8×96 (DINO default) and 2×224 + 10×96 (the paper's best). Each round runs one epoch of every
 provider in turn (so a noisy neighbour hurts all of them alike): the first ``--warmup`` batches are untimed, the
 rest give img/s; the table shows the median over rounds, the spread (min–max), the ratio to the torch baseline,
 and CPU-ms per image (this process's and its workers' CPU time over the epoch: the cost on a machine without idle
-cores). Batches are moved to ``--device`` as the trainer does. Images: ~500×375 JPEGs (``loader_images.py``),
-generated once into ``$DINO_FAST_BENCH_DIR`` (default ``data/bench_images``).
+cores). Batches are moved to ``--device`` as the trainer does. Images: ImageNet-like JPEGs (``loader_images.py``,
+``--image-size``, default 500×375), generated once into ``$DINO_FAST_BENCH_DIR`` (default ``data/bench_images``).
 
 Run from the repo root: ``python -m benchmarks.bench_loaders --quick`` (CPU sanity: ~3 minutes on 2 cores, most
 of it FFCV's one-off conversion and JIT) or e.g.
@@ -48,24 +49,26 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def ffcv_file(image_dir: Path, n_images: int, workers: int) -> str:
-    """The benchmark folder as a .beton next to it (converted once; stored at the images' own resolution)."""
+def ffcv_file(image_dir: Path, n_images: int, workers: int, resolution: int = 512) -> str:
+    """The benchmark folder as a .beton next to it, longest side at most ``resolution`` (converted once)."""
     from pipelines.convert import convert_folder
 
-    dst = image_dir.with_suffix(".beton")
+    dst = image_dir.with_name(f"{image_dir.name}-{resolution}.beton")
     if not dst.exists():
         print(f"converting {n_images} images to {dst} ...", flush=True)
-        convert_folder(image_dir, dst, max_resolution=512, jpeg_quality=90, workers=workers, progress=False)
+        convert_folder(image_dir, dst, max_resolution=resolution, jpeg_quality=90, workers=workers, progress=False)
     return str(dst)
 
 
-def build(backend: str, cfg: DataConfig, images, device: torch.device, image_dir: Path):
-    """The loader of ``backend``, or the reason it cannot be built (a string)."""
+def build(provider: str, cfg: DataConfig, images, device: torch.device, image_dir: Path):
+    """The loader of ``provider`` (a backend, or ``ffcv@R``), or the reason it cannot be built (a string)."""
     from pipelines.build import build_loader
 
+    backend, _, resolution = provider.partition("@")
     try:
         if backend == "ffcv":
-            cfg = replace(cfg, ffcv_path=ffcv_file(image_dir, len(images.files), cfg.num_workers))
+            path = ffcv_file(image_dir, len(images.files), cfg.num_workers, int(resolution or 512))
+            cfg = replace(cfg, ffcv_path=path)
         return build_loader(replace(cfg, backend=backend), device=device, images=images)
     except Exception as exc:  # an uninstalled or unfinished backend must not stop the other measurements
         return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of torch,dali,ffcv")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--image-size", default="500x375", help="benchmark JPEGs' WIDTHxHEIGHT (ImageNet-like: 500x375)")
+    p.add_argument("--ffcv-resolutions", default="512",
+                   help="comma-separated longest sides the ffcv provider stores its .beton at (one provider each)")
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/loaders_<device>.json)")
     args = p.parse_args(argv)
     n_images = args.images or (256 if args.quick else 2048)
@@ -115,23 +121,32 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" not in backends:
         print("error: --backends must include torch, the baseline the others are compared with", file=sys.stderr)
         return 2
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+        resolutions = [int(r) for r in args.ffcv_resolutions.split(",") if r.strip()]
+    except ValueError:
+        print(f"error: --image-size {args.image_size!r} must be WIDTHxHEIGHT and --ffcv-resolutions "
+              f"{args.ffcv_resolutions!r} integers, e.g. --image-size 512x384 --ffcv-resolutions 256,384,512",
+              file=sys.stderr)
+        return 2
     if n_images // batch_size <= args.warmup:
         print(f"error: {n_images} images give no timed batch at batch size {batch_size} after "
               f"{args.warmup} warm-up batches: raise --images", file=sys.stderr)
         return 2
     device = pick_device(args.device)
-    image_dir = ensure_benchmark_images(n_images)
+    image_dir = ensure_benchmark_images(n_images, width=width, height=height)
     images = list_images(image_dir)
     print(f"{n_images} images in {image_dir}, batch {batch_size}, {args.workers} workers, device {device}, "
           f"{rounds} rounds", flush=True)
+    providers = [p for b in backends for p in ([f"ffcv@{r}" for r in resolutions] if b == "ffcv" else [b])]
 
     results: list[dict[str, Any]] = []
     for config in configs:
         cfg = DataConfig(path=str(image_dir), batch_size_per_gpu=batch_size, num_workers=args.workers,
                          local_crops_number=CONFIGS[config])
-        loaders = {b: build(b, cfg, images, device, image_dir) for b in backends}
-        speeds: dict[str, list[float]] = {b: [] for b in backends}
-        cpu_ms: dict[str, list[float]] = {b: [] for b in backends}
+        loaders = {b: build(b, cfg, images, device, image_dir) for b in providers}
+        speeds: dict[str, list[float]] = {b: [] for b in providers}
+        cpu_ms: dict[str, list[float]] = {b: [] for b in providers}
         for r in range(rounds + 1):  # round 0 warms up caches, JIT and worker start-up: not recorded
             for b, loader in loaders.items():
                 if isinstance(loader, str):
@@ -167,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["config", "backend", "status", "img/s (median)", "min–max", "× torch", "CPU-ms/img"], rows)
     payload = {"benchmark": "loaders", "env": environment(device), "cpu_count": os.cpu_count(),
                "settings": {"images": n_images, "batch_size": batch_size, "workers": args.workers, "rounds": rounds,
-                            "warmup_batches": args.warmup, "image_size": "500x375 JPEG q90"},
+                            "warmup_batches": args.warmup, "image_size": f"{width}x{height} JPEG q90",
+                            "ffcv_resolutions": resolutions},
                "results": results}
     print(f"wrote {write_json(payload, results_path('loaders', device, args.out))}")
     return 0

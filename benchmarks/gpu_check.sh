@@ -83,6 +83,46 @@ step bench-ema 45 $PY -m benchmarks.bench_ema
 # (bench_loaders is not run here: DALI and FFCV cannot be carried to the lent machine. $OUT returns at most 8
 # files and this script writes exactly 8: the log, train_demo_metrics.jsonl and one JSON per benchmark step.)
 
+# ======================================================================================== data path (issue #15)
+# FFCV travels in .ffcv_carry/ (`make ffcv-carry`: the package, its extension for Python 3.12 and the shared libraries
+# it links, ~23 MiB; carry it with .whl). DALI cannot travel (~1 GB): its step says "not installed" there.
+# Budget on 16 cores (estimates, never run there yet): ffcv-import 5 + bench-loaders ~80 (512x384 JPEGs generated and
+# converted to .betons at longest side 256/384/512 ~15, FFCV's numba compile per loader ~10 each, torch baseline 3
+# epochs ~25, FFCV 3 x 3 epochs ~10) + bench-train-ffcv ~45 + dali-gpu 5 ≈ 135 s.
+# Results go to /tmp/data_check/ and are merged into one file, printed into the log and written as
+# $OUT/data_path.json only while $OUT holds fewer than 8 files (the device tool returns at most 8).
+DATA_TMP=/tmp/data_check
+rm -rf "$DATA_TMP" && mkdir -p "$DATA_TMP"
+FFCV_ENV=(env "PYTHONPATH=$PWD/.ffcv_carry/site:${PYTHONPATH:-}" "LD_LIBRARY_PATH=$PWD/.ffcv_carry/lib:${LD_LIBRARY_PATH:-}")
+if [ -d .ffcv_carry/site/ffcv ]; then
+  step ffcv-import 60 "${FFCV_ENV[@]}" $PY -c "import ffcv, ffcv.libffcv, pipelines.ffcv_ops, sys; \
+print('ffcv', ffcv.__file__, ffcv.libffcv.lib._name, 'python', sys.version.split()[0])"
+else
+  echo "=== ffcv: .ffcv_carry/ missing (run make ffcv-carry here and carry .ffcv_carry): FFCV steps skipped" | tee -a "$LOG"
+fi
+# Loader throughput, 14 workers, 2x224+10x96, batch 64: the torch/PIL baseline on the 512x384 JPEGs, FFCV on them
+# stored at longest side 256, 384 and 512 (target: >= 3,000 img/s so it never starves a 2,500 img/s step).
+step bench-loaders 150 "${FFCV_ENV[@]}" DINO_FAST_BENCH_DIR=/tmp/bench_images $PY -m benchmarks.bench_loaders \
+  --device cuda --backends torch,ffcv --configs 2x224+10x96 --workers 14 --batch-size 64 --images 1536 --rounds 2 \
+  --image-size 512x384 --ffcv-resolutions 256,384,512 --out "$DATA_TMP/loaders.json"
+# End to end: ViT-S/16 B=64 fed by FFCV (img/s and the share of step time spent waiting for data; target <= 5%).
+step bench-train-ffcv 120 "${FFCV_ENV[@]}" DINO_FAST_BENCH_DIR=/tmp/bench_images $PY -m benchmarks.bench_train \
+  --archs vit_small_patch16_224 --modes ffcv --providers ours --steps 15 --warmup 3 --images 1536 --workers 14 \
+  --out "$DATA_TMP/train_ffcv.json"
+# DALI's GPU graph where DALI is installed (build, contract, statistics vs the CPU graph, 50 timed runs per
+# hw_decoder_load x threads); on the lent machine it only reports "not installed".
+step dali-gpu 240 $PY -m benchmarks.dali_gpu_check --runs 50 --out "$DATA_TMP/dali_gpu.json"
+$PY - "$DATA_TMP" "$OUT_DIR" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, pathlib, sys
+tmp, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+merged = {p.stem: json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))}
+text = json.dumps(merged, indent=1, default=str)
+print("=== data_path.json begin\n" + text + "\n=== data_path.json end")
+if len([p for p in out.iterdir() if p.is_file()]) < 8:
+    (out / "data_path.json").write_text(text + "\n")
+PYEOF
+# ==================================================================================== end of the data-path block
+
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${status[@]}" | tee -a "$LOG"
 grep -hE "ours / reference|speedup|x vs|-bound:" "$LOG" | tail -20

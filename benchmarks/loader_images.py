@@ -1,4 +1,5 @@
-"""Benchmark images for the loader benchmark: ImageNet-like JPEGs (500×375, quality 90), generated once.
+"""Benchmark images for the loader benchmark: ImageNet-like JPEGs (500×375 by default, quality 90), generated once
+(in parallel: one process per core).
 
 A loader's cost depends on the JPEG it decodes (size, entropy) and the crops it makes, not on what the picture
 shows. These images have ImageNet's typical geometry and a natural-image bit rate (~70 kB each; ImageNet's
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-VERSION = 1
+VERSION = 2  # 2: each image drawn from its own seed (parallel generation)
 N_CLASSES = 10
 
 
@@ -44,20 +46,28 @@ def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def ensure_benchmark_images(n_images: int, root: str | Path | None = None, seed: int = 0) -> Path:
-    """Generate ``n_images`` JPEGs once under ``root`` (default ``$DINO_FAST_BENCH_DIR`` or
+def _write_one(args: tuple[Path, int, int, int, int]) -> None:
+    folder, seed, i, width, height = args
+    img = natural_image(np.random.default_rng([seed, i]), width, height)
+    img.save(folder / f"class{i % N_CLASSES:02d}" / f"{i:06d}.jpg", quality=90)
+
+
+def ensure_benchmark_images(n_images: int, root: str | Path | None = None, seed: int = 0, width: int = 500,
+                            height: int = 375) -> Path:
+    """Generate ``n_images`` JPEGs of ``width``×``height`` once under ``root`` (default ``$DINO_FAST_BENCH_DIR`` or
     ``data/bench_images``); reuses a complete earlier set. Returns the folder to point a loader at."""
     base = Path(root or os.environ.get("DINO_FAST_BENCH_DIR", "data/bench_images"))
-    final = base / f"natural-v{VERSION}-{n_images}"
+    size = "" if (width, height) == (500, 375) else f"-{width}x{height}"
+    final = base / f"natural-v{VERSION}-{n_images}{size}"
     if (final / ".complete").exists():
         return final
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n_images):
-        folder = tmp / f"class{i % N_CLASSES:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        natural_image(rng).save(folder / f"{i:06d}.jpg", quality=90)
+    for c in range(min(N_CLASSES, n_images)):
+        (tmp / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+    jobs = [(tmp, seed, i, width, height) for i in range(n_images)]
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, 16)) as pool:
+        list(pool.map(_write_one, jobs, chunksize=16))
     (tmp / ".complete").write_text(f"version {VERSION}\n")
     shutil.rmtree(final, ignore_errors=True)
     try:

@@ -40,9 +40,13 @@ of that many steps of loading, once). The DALI shuffle follows the pipeline's ow
 run sees a different (equally random) order and different crops than an uninterrupted one would; only the
 torch loader reproduces them exactly.
 
-Output: on the GPU each crop is copied device-to-device into a torch tensor on torch's current stream; on the
-CPU the torch tensors are zero-copy DLPack views of DALI's outputs (the dynamic executor gives every run fresh
-buffers, which live as long as the tensors).
+Output: the crops are handed to torch zero-copy as DLPack views, as DALI's own torch iterator does (the dynamic
+executor gives every run fresh buffers, which live as long as the tensors); on a GPU the pipeline runs with torch's
+current stream, so its outputs are ordered on it without a host wait.
+
+GPU (``mixed``) mode: nvJPEG decodes with the hardware JPEG decoder taking ``hw_decoder_load`` of the work
+(A100/H100/H200 have one) and with buffers preallocated for ImageNet's largest image (NVIDIA's ResNet-50 example);
+the colour jitter's per-crop mean stays on the GPU (:func:`colour_jitter`). Nothing returns to the host.
 
 Bad files: DALI stops the whole pipeline on a file it cannot decode, so the list is checked before the graph is
 built (:func:`check_images`): each file is opened with PIL and verified (header, PNG checksums), and a JPEG must
@@ -53,6 +57,7 @@ with a thread pool (on the order of 0.1 ms per image on a local disk).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -70,7 +75,6 @@ try:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
-    from nvidia.dali.plugin.pytorch import feed_ndarray
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
         f"data.backend=dali needs NVIDIA DALI ({exc}): pip install nvidia-dali-cuda130 (or use data.backend=torch)"
@@ -129,26 +133,28 @@ def _coin(p: float):
 
 
 GREY_ROWS = np.array([[*LUMA, 0.0]] * 3, dtype=np.float32)  # x ↦ (L·x, L·x, L·x)
-SHIFT = np.array([[0.0, 0.0, 0.0, 1.0]] * 3, dtype=np.float32)  # adds its scale to every channel
 
 
 def colour_jitter(crop, brightness, contrast, saturation, hue_turns):
-    """torchvision's four colour adjustments in the order b → c → s → h as one affine map ``x ↦ A·x + t``.
+    """torchvision's four colour adjustments in the order b → c → s → h as one affine map ``x ↦ A·x + t·1``.
 
     Brightness: b·x. Contrast about the mean grey μ of the crop: c·x + (1 − c)·μ. Saturation, a blend with the
     pixel's grey: s·x + (1 − s)·(L·x)·1. Hue: a rotation by ``hue_turns`` of a turn about the grey axis (1, 1, 1),
     a linear stand-in for torchvision's HSV hue shift. Rotation and saturation keep grey pixels, so the map is
-    A = b·c·(s·R + (1 − s)·1·Lᵀ), t = b·(1 − c)·μ·1. One pass, rounded and clamped to uint8 once at the end.
+    A = b·c·(s·R + (1 − s)·1·Lᵀ), t = b·(1 − c)·μ. Rounded and clamped to uint8 once at the end.
+
+    A depends on the random draws alone (CPU argument inputs, as ``coord_transform`` wants them); t needs the crop's
+    mean, so it is added by an arithmetic op on the crop's own device: on a GPU nothing returns to the host.
     """
-    rgb_mean = fn.reductions.mean(crop, axes=(0, 1))
-    if crop.device == "gpu":
-        rgb_mean = rgb_mean.cpu()  # argument inputs live on the CPU; three floats per crop
-    grey = rgb_mean[0] * LUMA[0] + rgb_mean[1] * LUMA[1] + rgb_mean[2] * LUMA[2]
     rotation = fn.transforms.rotation(angle=hue_turns * 360.0, axis=[1.0, 1.0, 1.0])  # [3, 4], last column 0
     mt = (rotation * saturation + types.Constant(GREY_ROWS) * (1.0 - saturation)) * (brightness * contrast)
-    mt = mt + types.Constant(SHIFT) * (brightness * (1.0 - contrast) * grey)
-    crop = fn.coord_transform(crop, MT=mt, dtype=types.FLOAT)
-    return fn.cast(crop, dtype=types.UINT8)  # rounds and clamps; a uint8 output of coord_transform costs 2× more
+    mapped = fn.coord_transform(crop, MT=mt, dtype=types.FLOAT)
+    rgb_mean = fn.reductions.mean(crop, axes=(0, 1))  # [3] per crop, where the crop is
+    grey = rgb_mean[0] * LUMA[0] + rgb_mean[1] * LUMA[1] + rgb_mean[2] * LUMA[2]
+    shift = brightness * (1.0 - contrast)
+    if crop.device == "gpu":
+        shift = shift.gpu()  # one float per crop goes to the GPU (host → device, no wait)
+    return fn.cast(mapped + grey * shift, dtype=types.UINT8)  # rounds and clamps
 
 
 def _colour(crop, spec: MultiCropSpec, ops: Collection[str]):
@@ -206,14 +212,32 @@ def _crop_branch(image, crop_spec: CropSpec, spec: MultiCropSpec, ops: Collectio
 AUX_FIELDS = ("flip", "jitter", "gray", "blur", "sigma", "solarize")
 
 
+# NVIDIA's ResNet-50 example: nvJPEG's buffers sized once for ImageNet's largest image, so no decode reallocates
+NVJPEG_HINTS = {"device_memory_padding": 211025920, "host_memory_padding": 140544512,
+                "preallocate_width_hint": 5980, "preallocate_height_hint": 6430}
+HW_DECODER_LOAD = 0.65  # DALI's default share of the JPEG work sent to the GPU's hardware decoder (A100, H100, H200)
+
+
+def decoder_args(gpu: bool, hw_decoder_load: float = HW_DECODER_LOAD) -> dict:
+    """``fn.decoders.image`` arguments: nvJPEG's hardware share and preallocation on a GPU, none on the CPU."""
+    if not gpu:
+        return {}
+    if not 0.0 <= hw_decoder_load <= 1.0:
+        raise ValueError(f"hw_decoder_load={hw_decoder_load} must be in [0, 1] (the share sent to the HW decoder)")
+    return {"hw_decoder_load": float(hw_decoder_load), **NVJPEG_HINTS}
+
+
 @pipeline_def(enable_conditionals=True)
 def multicrop_pipeline(files: list[str], labels: list[int], spec: MultiCropSpec, shard_id: int, num_shards: int,
-                       shuffle_seed: int, decode_device: str, ops: Collection[str] = ALL_OPS, aux: bool = False):
-    """(G1, G2, L1..LN, labels) per batch; with ``aux`` also one [n_crops, 6] tensor of draws (AUX_FIELDS)."""
+                       shuffle_seed: int, decode_device: str, ops: Collection[str] = ALL_OPS, aux: bool = False,
+                       decoder: dict | None = None):
+    """(G1, G2, L1..LN, labels) per batch; with ``aux`` also one [n_crops, 6] tensor of draws (AUX_FIELDS).
+    ``decoder``: extra ``fn.decoders.image`` arguments (:func:`decoder_args`)."""
     jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed,
                                    pad_last_batch=True, name="Reader")
-    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)  # "mixed": CPU → GPU here
+    # "mixed": the one CPU → GPU point; every op after it runs on the GPU
+    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **(decoder or {}))
     outs, draws = [], []
     for crop_spec in spec.crops():
         out, d = _crop_branch(image, crop_spec, spec, ops, aux)
@@ -231,12 +255,16 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def build_pipeline(images: ImageList, spec: MultiCropSpec, batch_size: int, num_threads: int, rank: int,
                    world_size: int, seed: int, device: torch.device, ops: Collection[str] = ALL_OPS,
-                   aux: bool = False):
-    """The built DALI pipeline behind :class:`DaliMultiCropLoader` (also used directly by the tests)."""
+                   aux: bool = False, hw_decoder_load: float = HW_DECODER_LOAD):
+    """The built DALI pipeline behind :class:`DaliMultiCropLoader` (also used directly by the tests).
+
+    ``exec_dynamic``: DALI's dynamic executor gives every run fresh output buffers, so outputs can be handed to
+    torch zero-copy (DLPack) and outlive later runs, as DALI's own torch iterator does."""
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
     pipe = multicrop_pipeline(images.files, images.labels, spec, rank, world_size, seed & 0x7FFF_FFFF,
-                              "mixed" if gpu else "cpu", frozenset(ops), aux, batch_size=batch_size,
+                              "mixed" if gpu else "cpu", frozenset(ops), aux, decoder_args(gpu, hw_decoder_load),
+                              batch_size=batch_size,
                               num_threads=max(1, num_threads), device_id=device_id, seed=rank_seed(seed, rank),
                               prefetch_queue_depth=2, exec_dynamic=True)
     pipe.build()
@@ -250,7 +278,8 @@ class DaliMultiCropLoader:
     """
 
     def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int, rank: int,
-                 world_size: int, seed: int, device: torch.device, *, ops: Collection[str] = ALL_OPS):
+                 world_size: int, seed: int, device: torch.device, *, ops: Collection[str] = ALL_OPS,
+                 hw_decoder_load: float = HW_DECODER_LOAD):
         images = check_images(images, threads=max(4, num_workers))
         self.spec, self.batch_size = spec, batch_size
         self.device = torch.device(device)
@@ -260,7 +289,8 @@ class DaliMultiCropLoader:
                 f"{len(images.files)} images in '{images.root}' are fewer than one batch per rank "
                 f"({batch_size} × {world_size} ranks): lower data.batch_size_per_gpu or add images"
             )
-        self.pipe = build_pipeline(images, spec, batch_size, num_workers, rank, world_size, seed, self.device, ops)
+        self.pipe = build_pipeline(images, spec, batch_size, num_workers, rank, world_size, seed, self.device, ops,
+                                   hw_decoder_load=hw_decoder_load)
         meta = self.pipe.reader_meta("Reader")
         # every shard is padded to the same length, then to whole batches: that many runs make one reader epoch
         self.runs_per_epoch = math.ceil(meta["epoch_size_padded"] / meta["number_of_shards"] / batch_size)
@@ -280,7 +310,11 @@ class DaliMultiCropLoader:
         self.epoch, self.start_step = epoch, start_step
 
     def _run(self):
-        outputs = self.pipe.run()
+        """One pipeline run; on a GPU its outputs are ordered on torch's current stream (no host wait)."""
+        if self.device.type == "cuda":
+            outputs = self.pipe.run(torch.cuda.current_stream(self.device).cuda_stream)
+        else:
+            outputs = self.pipe.run()
         self._runs_done = (self._runs_done + 1) % self.runs_per_epoch
         return outputs
 
@@ -291,17 +325,11 @@ class DaliMultiCropLoader:
             self._run()
 
     def _to_torch(self, outputs) -> MultiCropBatch:
-        crops = []
-        if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device)
-            for tensor_list in outputs[: self.spec.n_crops]:
-                dense = tensor_list.as_tensor()
-                crop = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-                feed_ndarray(dense, crop, cuda_stream=stream)  # device-to-device, ordered after DALI's work
-                crops.append(crop)
-        else:
-            # zero-copy: the dynamic executor allocates fresh output buffers every run and the DLPack capsule
-            # keeps them alive, so the tensors stay valid after later runs (a copy cost ~1 ms per image)
+        """Zero-copy DLPack views of the crops (CPU or GPU), as DALI's own torch iterator hands them over: the
+        dynamic executor allocates fresh output buffers every run and the capsule keeps them alive, so the tensors
+        stay valid after later runs. On a GPU, ``torch.from_dlpack`` passes torch's current stream, on which DALI
+        orders its outputs (``_run``), so nothing waits on the host."""
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             crops = [torch.from_dlpack(tensor_list.as_tensor()) for tensor_list in outputs[: self.spec.n_crops]]
         labels = torch.from_numpy(np.array(outputs[self.spec.n_crops].as_tensor()).reshape(-1).astype(np.int64))
         return MultiCropBatch(crops, labels.to(self.device, non_blocking=True))

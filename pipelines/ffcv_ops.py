@@ -3,10 +3,10 @@
 Multi-crop decode (:class:`MultiCropDecoder`)
 ---------------------------------------------
 FFCV's ``RandomResizedCropRGBImageDecoder`` decodes the JPEG once per pipeline, so 2 + N crop pipelines decode it
-2 + N times. This Operation decodes each image **once** (``ffcv.libffcv.imdecode``, libjpeg-turbo) and cuts every
-crop from it with the C resize of FFCV's ``resize_crop`` (OpenCV ``cv::resize`` with ``INTER_AREA``: pixel-area
-averaging when shrinking, bilinear weights when enlarging; the reference uses bicubic, but cv2 cannot be called from
-numba and this is FFCV's only compiled resize), then flips it with p = ``spec.flip_p``.
+2 + N times. This Operation decodes each image **once** (``ffcv.libffcv.imdecode``, libjpeg-turbo), transposes it
+once, and cuts every crop from it with the reference's interpolation: PIL's bicubic resize with its antialiasing
+support, bit-exact (``pipelines.bicubic``: numba, vectorised), with the flip (p = ``spec.flip_p``) folded into the
+resize. (FFCV's own compiled resize is OpenCV ``INTER_AREA``, whose crops are ~10% less sharp than the reference's.)
 
 Output layout: FFCV gives one output per pipeline, so all crops of one image are packed into one flat uint8 row of
 ``2·G² ·3 + N·L²·3`` bytes: the two globals as ``[2, G, G, 3]`` (HWC) followed by the locals as ``[N, L, L, 3]``.
@@ -36,13 +36,14 @@ from dataclasses import replace
 import numba
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES
-from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy, ctypes_resize
+from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba.core import types
 
+from pipelines.bicubic import resize_crop, transpose_image
 from pipelines.spec import MultiCropSpec
 
 _MASK32 = 0xFFFFFFFF
@@ -127,48 +128,47 @@ class CFunction(types.WrapperAddressProtocol):
         return self.cfn(*args)
 
 
-_u32, _i64, _ptr = types.uint32, types.int64, types.uintp
+_u32, _ptr = types.uint32, types.uintp
 # int imdecode(src*, src_size, src_h, src_w, dst*, crop_h, crop_w, off_x, off_y, scale_num, scale_den, crop?, flip?)
 IMDECODE = CFunction(ctypes_imdecode, types.int32(_ptr, types.uint64, _u32, _u32, _ptr, _u32, _u32, _u32, _u32, _u32,
                                                   _u32, types.boolean, types.boolean))
-# void resize(0, src*, src_rows, src_cols, row0, row1, col0, col1, dst*, dst_rows, dst_cols): cv::resize INTER_AREA
-RESIZE = CFunction(ctypes_resize, types.void(*[_i64] * 11))
 MEMCPY = CFunction(ctypes_memcopy, types.void(_ptr, _ptr, types.uint64))
 
 
 @numba.njit(cache=True)
 def decode_crops(src, src_size, is_jpeg, height, width, temp, rows, ix, key, sizes, offsets, scale, log_r_lo,
-                 log_r_hi, flip_p, imdecode_fn, resize_fn, memcpy_fn):
+                 log_r_hi, flip_p, imdecode_fn, memcpy_fn):
     """Decode image ``ix`` of the batch once (from ``src_size`` bytes at address ``src``) into ``temp[ix]`` and write
     all its crops into ``rows[ix]``, with the RNG seeded by ``key``.
 
-    The image arrives as an address, and the buffers as whole 2-D batch arrays: ffcv 1.0.2 flips ``mutable`` on
-    numba's interned 1-D uint8 array type when a Loader is built, which corrupts the overload table of any
-    long-lived dispatcher taking such an array (a KeyError when the next Loader compiles).
+    ``temp[ix]`` holds the decoded image in its first half and the image transposed (the columns the bicubic
+    horizontal pass reads) in its second. The image arrives as an address, and the buffers as whole 2-D batch
+    arrays: ffcv 1.0.2 flips ``mutable`` on numba's interned 1-D uint8 array type when a Loader is built, which
+    corrupts the overload table of any long-lived dispatcher taking such an array (a KeyError when the next Loader
+    compiles).
     """
     pixels = height * width * 3
     buf = temp[ix]
+    half = buf.size // 2
     if is_jpeg:
         imdecode_fn(src, np.uint64(src_size), np.uint32(height), np.uint32(width), buf.ctypes.data, np.uint32(height),
                     np.uint32(width), np.uint32(0), np.uint32(0), np.uint32(1), np.uint32(1), False, False)
     else:
         memcpy_fn(src, buf.ctypes.data, np.uint64(pixels))
-    image = buf[:pixels].reshape(height, width, 3)
+    columns = transpose_image(buf[:pixels].reshape(height, width, 3), buf[half:])
     row = rows[ix]
     np.random.seed(key)
     for c in range(len(sizes)):
         top, left, h, w = sample_resized_crop(height, width, scale[c, 0], scale[c, 1], log_r_lo, log_r_hi)
         size = sizes[c]
+        flip = np.random.random() < flip_p
         crop = row[offsets[c]:offsets[c] + size * size * 3].reshape(size, size, 3)
-        resize_fn(np.int64(0), np.int64(image.ctypes.data), np.int64(height), np.int64(width), np.int64(top),
-                  np.int64(top + h), np.int64(left), np.int64(left + w), np.int64(crop.ctypes.data),
-                  np.int64(size), np.int64(size))
-        if np.random.random() < flip_p:
-            crop[:] = crop[:, ::-1].copy()
+        resize_crop(columns, top, left, h, w, crop, flip)
 
 
 class MultiCropDecoder(Operation):
-    """Decode once, cut 2 global + N local random-resized crops (with flips) into one packed uint8 row per image.
+    """Decode once, cut 2 global + N local random-resized crops (bicubic, with flips) into one packed uint8 row per
+    image.
 
     Args:
         spec: crop sizes, scales, aspect-ratio range and flip probability.
@@ -189,13 +189,13 @@ class MultiCropDecoder(Operation):
         max_pixels = int(self.metadata["width"].max()) * int(self.metadata["height"].max())
         u8 = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=(self.row_bytes,), dtype=u8),
-                (AllocationQuery((self.row_bytes,), u8), AllocationQuery((max_pixels * 3,), u8)))
+                (AllocationQuery((self.row_bytes,), u8), AllocationQuery((2 * max_pixels * 3,), u8)))
 
     def generate_code(self):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         per_image, key_of, copy_c = decode_crops, sample_key, ctypes_memcopy
-        imdecode_fn, resize_fn, memcpy_fn = IMDECODE, RESIZE, MEMCPY  # looked up now: a test may wrap them
+        imdecode_fn, memcpy_fn = IMDECODE, MEMCPY  # looked up now: a test may wrap them
         jpg = IMAGE_MODES["jpg"]
         state_addr = self._state.ctypes.data
         sizes, offsets, scale = self.sizes, self.offsets, self.scale
@@ -213,7 +213,7 @@ class MultiCropDecoder(Operation):
                 per_image(data.ctypes.data, data.size, field["mode"] == jpg, np.int64(field["height"]),
                           np.int64(field["width"]), temp_storage, destination, dst_ix,
                           key_of(state[0], state[1], source_ix), sizes, offsets, scale, log_r_lo, log_r_hi, flip_p,
-                          imdecode_fn, resize_fn, memcpy_fn)
+                          imdecode_fn, memcpy_fn)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

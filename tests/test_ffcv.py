@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -42,15 +41,16 @@ from pipelines.spec import MultiCropSpec
 
 beton, raw_beton, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 calls = {"decode": 0, "resize": []}
-if ffcv_ops.numba.config.DISABLE_JIT:  # wrap FFCV's C helpers as the op calls them, to count and record
-    real_decode, real_resize = ffcv_ops.IMDECODE, ffcv_ops.RESIZE
+if ffcv_ops.numba.config.DISABLE_JIT:  # wrap the decoder and the resize as the op calls them, to count and record
+    real_decode, real_resize = ffcv_ops.IMDECODE, ffcv_ops.resize_crop
     def counting_decode(*args):
         calls["decode"] += 1
         return real_decode(*args)
-    def recording_resize(*args):  # (0, src, rows, cols, row0, row1, col0, col1, dst, dst_rows, dst_cols)
-        calls["resize"].append([int(a) for a in args[2:8]] + [int(args[9]), int(args[10])])
-        return real_resize(*args)
-    ffcv_ops.IMDECODE, ffcv_ops.RESIZE = counting_decode, recording_resize
+    def recording_resize(columns, top, left, h, w, crop, flip):  # columns: the image transposed, [W, H·3]
+        calls["resize"].append([int(v) for v in (columns.shape[1] // 3, columns.shape[0], top, top + h, left,
+                                                 left + w, crop.shape[0], crop.shape[1])])
+        return real_resize(columns, top, left, h, w, crop, flip)
+    ffcv_ops.IMDECODE, ffcv_ops.resize_crop = counting_decode, recording_resize
 
 def build(spec, path=beton):
     cfg = DataConfig(backend="ffcv", ffcv_path=path, batch_size_per_gpu=4, num_workers=workers)
@@ -163,8 +163,8 @@ def test_decodes_each_image_once_and_crop_geometry(probes):
 
 
 def test_crop_content_and_flips_match_an_independent_resize(betons, probes):
-    """Crops of the whole central square from raw-stored pixels equal cv2's INTER_AREA resize, possibly mirrored;
-    and crops from JPEG storage differ from those from raw storage by JPEG error only."""
+    """Crops of the whole central square from raw-stored pixels equal PIL's bicubic resize (the reference's), possibly
+    mirrored; and crops from JPEG storage differ from those from raw storage by JPEG error only."""
     _, arrays = probes[False]
     images, labels = stored_images(betons[1])
     order = epoch_indices(24, 3, 0, 0, 1)
@@ -178,7 +178,7 @@ def test_crop_content_and_flips_match_an_independent_resize(betons, probes):
         square = img[top:top + side, left:left + side]
         for c, size in enumerate([32, 32, 16, 16, 16]):
             crop = row[offsets[c]:offsets[c] + size * size * 3].reshape(size, size, 3)
-            want = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+            want = np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
             assert np.array_equal(crop, want) != np.array_equal(crop, want[:, ::-1])
             flips += np.array_equal(crop, want[:, ::-1])
     assert abs(flips / 120 - 0.5) <= 5 * math.sqrt(0.25 / 120)
