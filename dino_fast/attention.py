@@ -90,7 +90,7 @@ def load_image(path: str | Path, size: int, patch: int) -> tuple[torch.Tensor, n
     w, h = img.size
     cw, ch = w - w % patch, h - h % patch
     left, top = (w - cw) // 2, (h - ch) // 2
-    pixels = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
+    pixels = np.array(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
     x = (torch.from_numpy(pixels).float().permute(2, 0, 1) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / (
         torch.tensor(IMAGENET_STD)[:, None, None])
     return x, pixels
