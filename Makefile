@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q numpy numba "timm==1.0.31" "deepspeed==0.19.8" rich pyyaml safetensors pillow \
-		"nvidia-dali-cuda130==2.4.0" pytest ruff matplotlib scikit-image
+	$(PIP) install -q numpy numba "timm==1.0.31" "deepspeed==0.19.8" rich pyyaml safetensors pillow tensorboard \
+		"nvidia-dali-cuda130==2.4.0" pytest ruff matplotlib scikit-image scikit-learn
 	$(PIP) install -q "ffcv==1.0.2"
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)

@@ -34,6 +34,7 @@ class ModelConfig:
     head_nlayers: int = 3
     compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
     compile_mode: str = "default"  # with compile: default | reduce-overhead (+ CUDA graphs) | max-autotune | ...
+    pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (dino_fast/weights.py)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class LoggingConfig:
     print_every: int = 10  # plain-line interval in steps
     metrics_file: str = "metrics.jsonl"
     summary: bool = True  # at the end: k-NN, loss and entropy start → end, and <output_dir>/metrics.png
+    tensorboard: bool = False  # also write every metric and the attention maps to <output_dir>/tb
 
 
 @dataclass
@@ -115,6 +117,8 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_train_subset: int = 0  # 0: all
     knn_val_subset: int = 0
+    attention_every_epochs: int = 0  # last block's CLS attention maps of a few held-out images as PNG; 0: off
+    attention_images: int = 4  # how many (evenly spaced over the held-out split, the same ones every time)
 
 
 @dataclass
@@ -270,6 +274,8 @@ def validate(cfg: Config) -> None:
         (cfg.dino.koleo_weight == 0 or cfg.data.batch_size_per_gpu >= 2,
          "dino.koleo_weight needs data.batch_size_per_gpu ≥ 2 (nearest neighbours within a crop's batch)"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1"),
+        (cfg.eval.attention_every_epochs >= 0 and cfg.eval.attention_images >= 1,
+         "eval.attention_every_epochs must be ≥ 0 and eval.attention_images ≥ 1"),
         (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
          "crop scales must lie in (0, 1]"),
         (0 < cfg.data.blur_sigma[0] <= cfg.data.blur_sigma[1],

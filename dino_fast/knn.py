@@ -5,7 +5,8 @@ normalise; L2-normalised CLS features; for every val image the k most cosine-sim
 class with weight exp(sim / 0.07); argmax of the summed votes is the prediction; top-1 and top-5 are reported for
 k ∈ {10, 20, 100, 200}. Sizes are configurable because small images (the 64 px demo set) need e.g. 64/64.
 
-CLI: ``dino-fast-knn --checkpoint RUN_OR_CHECKPOINT --train DIR --val DIR`` (or ``--weights FILE.safetensors``).
+CLI: ``dino-fast-knn --checkpoint RUN_OR_CHECKPOINT --train DIR --val DIR`` (or ``--weights FILE``: any layout of
+``dino_fast/weights.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dino_fast.export import CheckpointError, load_exported, read_checkpoint, split_state_dict
+from dino_fast.export import CheckpointError, read_checkpoint, split_state_dict
 from dino_fast.models import build_backbone
+from dino_fast.weights import add_source_args, load_source
 from pipelines.folder import DataError, ImageList, list_images
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.workers import ignore_interrupts
@@ -111,8 +113,13 @@ def _gather_shards(local: torch.Tensor, n_total: int, world_size: int) -> torch.
 def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | ImageList, *, resize: int = 256,
                      crop: int = 224, batch_size: int = 128, num_workers: int = 4,
                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                     progress: bool = True, description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, description: str = "features",
+                     features_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised CLS features of every image, with the eval transform (resize bicubic → center crop → normalise).
+
+    ``features_fn`` (images → [B, D]) replaces the normalised CLS feature (the linear probe's unnormalised
+    concatenations of several blocks' tokens).
 
     With ``world_size > 1`` this rank extracts items ``rank::world_size``; when a process group is initialised the
     shards are all-gathered so every rank returns all N rows in folder order (without one, only this rank's shard
@@ -145,12 +152,18 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
             if bad:
                 more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
                 raise DataError(f"cannot read image {bad[0]}{more}: remove or replace it")
-            feats = backbone(x.to(device, dtype, non_blocking=True)).float()
-            chunks.append(nn.functional.normalize(feats, dim=1, p=2))
+            x = x.to(device, dtype, non_blocking=True)
+            if features_fn is not None:
+                chunks.append(features_fn(x).float())
+            else:
+                chunks.append(nn.functional.normalize(backbone(x).float(), dim=1, p=2))
             bar.advance(x.shape[0])
     finally:
         bar.close()
         backbone.train(was_training)
+    if not chunks and features_fn is not None:  # an empty shard still needs the feature width for the gather
+        with torch.no_grad():
+            chunks.append(features_fn(torch.zeros(1, 3, crop, crop, device=device, dtype=dtype)).float()[:0])
     dim = chunks[0].shape[1] if chunks else backbone.num_features
     features = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
     if world_size > 1 and _dist_ready():
@@ -314,11 +327,7 @@ def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dino-fast-knn", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint folder (teacher.pt + config.yaml) or a run folder (its latest)")
-    src.add_argument("--weights", help="backbone .safetensors written by dino-fast-export")
-    p.add_argument("--arch", help="timm arch for --weights (default: the one stored in the file)")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="with --checkpoint")
+    add_source_args(p)
     p.add_argument("--train", required=True, help="train image folder (<dir>/<class>/<image>)")
     p.add_argument("--val", required=True, help="val image folder with the same class sub-folders")
     p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K), help="neighbour counts")
@@ -346,11 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             if path is not None and not Path(path).exists():
                 raise DataError(f"--{flag} path '{path}' does not exist")
         rank, world, device = _init_distributed(args.device)
-        if args.checkpoint:
-            backbone, source = load_backbone_from_checkpoint(args.checkpoint, args.which), args.checkpoint
-        else:
-            backbone, arch, _ = load_exported(args.weights, args.arch)
-            source = f"{args.weights} ({arch})"
+        backbone, source = load_source(args)
         backbone.to(device)
         t0 = time.perf_counter()
         results = evaluate_knn(backbone, args.train, args.val, k_list=args.k, temperature=args.temperature,

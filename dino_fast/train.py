@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from dino_fast.attention import periodic_attention
 from dino_fast.checkpoint import Checkpointer, CheckpointError, TrainPosition, check_resumable
 from dino_fast.config import Config, ConfigError, load_config, save_config
 from dino_fast.dist import any_rank
@@ -34,10 +35,12 @@ from dino_fast.koleo import koleo_loss
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from dino_fast.progress import MetricsLog, Progress
+from dino_fast.progress import Progress
 from dino_fast.schedules import cosine_scheduler, momentum_schedule
 from dino_fast.summary import summarise_run
+from dino_fast.tblog import open_metrics_log
 from dino_fast.teacher import TeacherEMA
+from dino_fast.weights import init_from_pretrained
 from pipelines.build import build_loader
 from pipelines.folder import DataError
 
@@ -107,6 +110,7 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
 
     torch.manual_seed(cfg.seed)
     student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
+    init_from_pretrained(cfg, student)  # model.pretrained: before DeepSpeed copies the weights into its optimizer
     teacher.to(device).eval()
     ncrops = 2 + cfg.data.local_crops_number
     dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
@@ -175,7 +179,7 @@ def train(cfg: Config) -> dict:
     saved_step = pos.global_step  # the newest step a checkpoint holds (0: none yet, nothing to keep)
 
     progress = Progress(cfg.logging.progress if rank == 0 else "none", total_steps, cfg.logging.print_every)
-    metrics = MetricsLog(out_dir / cfg.logging.metrics_file) if rank == 0 else None
+    metrics = open_metrics_log(cfg, out_dir) if rank == 0 else None  # metrics.jsonl (+ TensorBoard)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -296,6 +300,10 @@ def train(cfg: Config) -> dict:
                         metrics.write({"step": pos.global_step, "epoch": epoch, **knn, "time": time.time()})
                     progress.info(f"epoch {epoch} k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}%"
                                   f" top-5 {knn['knn_top5']:.2f}%")
+                every_attn = cfg.eval.attention_every_epochs
+                if end_of_epoch and every_attn and (epoch + 1) % every_attn == 0 and rank == 0:
+                    png = periodic_attention(cfg, teacher, out_dir, pos.global_step, device, metrics)
+                    progress.info(f"epoch {epoch} attention maps: {png}")
                 done = pos.global_step >= total_steps
                 every = cfg.checkpoint.every_steps
                 if end_of_epoch or done or (every and pos.global_step % every == 0):

@@ -1,0 +1,231 @@
+"""Backbone weights from the files users have: ``model.pretrained=`` for training, ``--weights`` for the eval CLIs.
+
+Accepted layouts (all read on the CPU, no download):
+
+- a ``.safetensors`` backbone written by ``dino-fast-export`` (its metadata names the arch and timm kwargs), or any
+  timm ``.safetensors`` state dict (e.g. a hub ``model.safetensors``; a classifier ``head.*`` is dropped);
+- a timm checkpoint (``torch.save(model.state_dict())``, or timm's ``train.py`` file with ``state_dict``/``arch``);
+- a checkpoint of the reference DINO repository: ``checkpoint.pth`` holding ``teacher``/``student`` state dicts
+  with ``module.``/``backbone.`` prefixes (the teacher is used, as the reference's eval scripts do by default), or a
+  bare backbone state dict (its released ``dino_vits16_pretrain.pth`` files);
+- a dino_fast checkpoint folder or run folder (its ``teacher.pt``).
+
+The reference's ViT uses timm's parameter names (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.*``,
+``norm``), so after the prefixes are stripped every layout is a timm ``VisionTransformer`` state dict. A position
+embedding trained for another grid is resampled (bicubic, timm's ``resample_abs_pos_embed``). Anything else that
+does not fit is a :class:`CheckpointError` whose one line names the first mismatching key, both shapes and what to set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dino_fast.export import CheckpointError, read_checkpoint, read_metadata, split_state_dict, timm_kwargs
+
+_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP/DeepSpeed, torch.compile, DINO's MultiCropWrapper
+_SUBDICTS = ("teacher", "student", "state_dict", "model", "module")  # the first present one holds the weights
+ARCH_BY_DIM = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+               1024: "vit_large_patch16_224"}
+
+
+@dataclass
+class Weights:
+    """A backbone state dict (timm ViT names) read from a file, and what the file says about its model."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    arch: str | None = None  # named by the file (dino-fast-export metadata, timm's train checkpoint, run config)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm kwargs named by the file
+    source: str = ""  # which part of the file was used, for messages
+
+    def shape(self) -> dict[str, int]:
+        """Embedding width, depth, patch size and position-embedding grid side (0 when not square) of the weights."""
+        sd = self.state_dict
+        if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+            raise CheckpointError(f"'{self.path}' ({self.source}) is not a ViT backbone with a CLS token: no cls_token "
+                                  f"/ patch_embed.proj.weight among its keys ({', '.join(list(sd)[:4])}, ...)")
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+        grid = 0
+        if "pos_embed" in sd:
+            side = math.isqrt(sd["pos_embed"].shape[1] - 1)
+            grid = side if side * side == sd["pos_embed"].shape[1] - 1 else 0
+        return {"dim": int(sd["cls_token"].shape[-1]), "depth": max(blocks, default=-1) + 1,
+                "patch": int(sd["patch_embed.proj.weight"].shape[-1]), "grid": grid}
+
+
+def _strip(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        if not k.startswith("head.") and isinstance(v, torch.Tensor):  # DINO head or timm classifier: not backbone
+            out[k] = v
+    return out
+
+
+def _torch_load(p: Path) -> Any:
+    # weights_only: tensors and plain containers only. The reference's and timm's checkpoints also pickle their
+    # argparse.Namespace of arguments, which is allowed by name; nothing else from the file is executed.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign or truncated files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read '{p}' as a torch checkpoint ({first[:200]}); give a state dict saved "
+                              f"with torch.save, a .safetensors file or a dino_fast checkpoint folder") from None
+
+
+def read_weights(path: str | Path) -> Weights:
+    """Read any accepted layout (module docstring) into a backbone state dict with timm ViT names."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"weights file '{p}' does not exist")
+    if p.is_dir():  # a dino_fast checkpoint or run folder
+        ckpt = read_checkpoint(p, "teacher")
+        backbone, _ = split_state_dict(ckpt.state_dict)
+        return Weights(p, _strip(backbone), ckpt.config.model.arch, timm_kwargs(ckpt.config),
+                       f"dino_fast teacher {ckpt.path.parent.name}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd, meta = load_file(str(p)), read_metadata(p)
+        except Exception as exc:  # safetensors raises its own error types for other files
+            raise CheckpointError(f"'{p}' is not a readable safetensors file ({exc})") from None
+        kwargs = json.loads(meta["timm_kwargs"]) if "timm_kwargs" in meta else {}
+        return Weights(p, _strip(sd), meta.get("arch"), kwargs, "safetensors")
+    obj = _torch_load(p)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"'{p}' holds a {type(obj).__name__}, not a state dict")
+    arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None  # timm's train.py checkpoints name it
+    source = "state dict"
+    for key in _SUBDICTS:
+        if isinstance(obj.get(key), dict):
+            obj, source = obj[key], f"'{key}'"
+            break
+    sd = _strip(obj)
+    if not sd:
+        raise CheckpointError(f"'{p}' holds no tensors under {', '.join(_SUBDICTS)} or at its top level")
+    return Weights(p, sd, arch, {}, source)
+
+
+def _first_mismatch(model_sd: dict[str, torch.Tensor], file_sd: dict[str, torch.Tensor]) -> str:
+    for k, v in model_sd.items():
+        if k not in file_sd:
+            return f"the file has no '{k}'"
+        if tuple(file_sd[k].shape) != tuple(v.shape):
+            return f"'{k}' is {list(file_sd[k].shape)} in the file, {list(v.shape)} in the model"
+    extra = [k for k in file_sd if k not in model_sd]
+    return f"the file has keys the model lacks ('{extra[0]}'{f' and {len(extra) - 1} more' if len(extra) > 1 else ''})"
+
+
+def load_into(backbone: nn.Module, weights: Weights, hint: str) -> None:
+    """Load ``weights`` strictly into a timm ViT ``backbone``, resampling ``pos_embed`` to the model's grid.
+
+    Raises:
+        CheckpointError: one line naming the first mismatching key, both shapes, both models' shapes and ``hint``.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    sd = dict(weights.state_dict)
+    model_sd = backbone.state_dict()
+    pe, want = sd.get("pos_embed"), model_sd.get("pos_embed")
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    if pe is not None and want is not None and pe.shape != want.shape and pe.shape[-1] == want.shape[-1]:
+        grid = weights.shape()["grid"]
+        new = backbone.patch_embed.grid_size
+        if grid and prefix == 1 and math.prod(new) + 1 == want.shape[1]:
+            sd["pos_embed"] = resample_abs_pos_embed(pe.float(), list(new), [grid, grid], num_prefix_tokens=1)
+    if set(sd) != set(model_sd) or any(sd[k].shape != v.shape for k, v in model_sd.items()):
+        mismatch = _first_mismatch(model_sd, sd)
+        got = weights.shape()
+        have = {"dim": backbone.embed_dim, "depth": len(backbone.blocks), "patch": backbone.patch_embed.patch_size[0]}
+        raise CheckpointError(
+            f"'{weights.path}' ({weights.source}) does not fit the model: {mismatch} (file: width {got['dim']}, "
+            f"{got['depth']} blocks, patch {got['patch']}; model: width {have['dim']}, {have['depth']} blocks, "
+            f"patch {have['patch']}); {hint}")
+    backbone.load_state_dict({k: v.to(model_sd[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def _train_hint(w: Weights) -> str:
+    s = w.shape()
+    arch = w.arch or ARCH_BY_DIM.get(s["dim"], f"a timm ViT of width {s['dim']}")
+    return f"set model.arch={arch} model.patch_size={s['patch']} model.depth={s['depth']} to match it"
+
+
+def init_from_pretrained(cfg, student: nn.Module) -> None:
+    """``model.pretrained=FILE``: load the file's backbone into the student (the trainer copies it to the teacher).
+
+    Called before DeepSpeed wraps the student, so its optimizer's master weights start from these values. The DINO
+    head stays freshly initialised. A resumed run takes its weights from the checkpoint instead.
+
+    Raises:
+        ConfigError: the file is unreadable or does not fit the configured model (one line, says what to set).
+    """
+    if not cfg.model.pretrained:
+        return
+    from dino_fast.config import ConfigError
+
+    try:
+        weights = read_weights(cfg.model.pretrained)
+        load_into(student.backbone, weights, _train_hint(weights))
+    except CheckpointError as exc:  # a config value that does not fit: the trainer's exit code 2, key named
+        raise ConfigError(f"model.pretrained: {exc}") from None
+    from dino_fast.dist import rank
+
+    if rank() == 0 and cfg.logging.progress != "none":
+        s = weights.shape()
+        print(f"dino_fast: backbone initialised from {weights.path} ({weights.source}, width {s['dim']}, "
+              f"{s['depth']} blocks, patch {s['patch']}); DINO head freshly initialised", flush=True)
+
+
+def backbone_from_weights(path: str | Path, arch: str | None = None) -> tuple[nn.Module, str]:
+    """Build a timm ViT that fits a weights file and load it (the eval CLIs' ``--weights``); (eval-mode model, arch).
+
+    The file decides patch size, depth and position-embedding grid; ``arch`` (else the one the file names, else
+    the timm ViT of the file's width) decides the rest (heads, MLP ratio).
+    """
+    from dino_fast.models import build_backbone
+
+    w = read_weights(path)
+    s = w.shape()
+    arch = arch or w.arch or ARCH_BY_DIM.get(s["dim"])
+    if arch is None:
+        raise CheckpointError(f"'{w.path}' has width {s['dim']}, not a standard ViT width; pass --arch (e.g. "
+                              f"vit_small_patch16_224)")
+    img = int(w.kwargs.get("img_size") or (s["grid"] * s["patch"]) or 224)
+    try:
+        backbone = build_backbone(arch, img, 0.0, s["patch"], s["depth"])
+    except ValueError as exc:
+        raise CheckpointError(f"--arch: {exc}") from None
+    load_into(backbone, w, f"pass --arch with a ViT of width {s['dim']} (e.g. {ARCH_BY_DIM.get(s['dim'], '?')})")
+    return backbone.eval(), arch
+
+
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (a dino_fast checkpoint or run folder) or ``--weights`` (any accepted file), ``--arch``."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint folder (teacher.pt + config.yaml) or a run folder (its latest)")
+    src.add_argument("--weights", help="backbone file: .safetensors from dino-fast-export or timm, a timm or "
+                                       "reference-DINO .pth, or a bare backbone state dict")
+    parser.add_argument("--arch", help="timm arch for --weights (default: named by the file, else by its width)")
+    parser.add_argument("--which", choices=("teacher", "student"), default="teacher", help="with --checkpoint")
+
+
+def load_source(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The backbone named by :func:`add_source_args`' arguments, on the CPU in eval mode, and a description."""
+    if args.checkpoint:
+        from dino_fast.knn import load_backbone_from_checkpoint
+
+        return load_backbone_from_checkpoint(args.checkpoint, args.which), args.checkpoint
+    backbone, arch = backbone_from_weights(args.weights, args.arch)
+    return backbone, f"{args.weights} ({arch})"
