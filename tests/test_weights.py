@@ -10,7 +10,6 @@ import argparse
 import pytest
 import timm
 import torch
-from runs import ckpt_dir, run_main, student_state
 from safetensors.torch import save_file
 
 from dino_fast import export, knn
@@ -19,6 +18,8 @@ from dino_fast.export import CheckpointError
 from dino_fast.models import build_student_teacher
 from dino_fast.train import train
 from dino_fast.weights import backbone_from_weights, init_from_pretrained, read_weights
+
+from runs import ckpt_dir, run_main, student_state
 
 
 def _vit(seed: int, *, dim_arch="vit_tiny_patch16_224", depth=1, patch=8, img=32, classes=0) -> torch.nn.Module:
