@@ -1,8 +1,8 @@
 """Where a DINO train step's time goes: GPU kernels, the host launching them, or host syncs (torch.profiler).
 
-The same steps as ``bench_train`` (``ours``: DeepSpeed + ``train_step``; ``reference``: the plain-PyTorch reference
-step; synthetic crops already on the device). After ``--warmup`` steps, ``--steps`` steps are timed without the
-profiler (``time.perf_counter``, one device sync after the last), then ``--steps`` more run under
+The same steps as ``bench_train`` (``ours``: DeepSpeed + the step object ``DINOStep``; ``reference``: the
+plain-PyTorch reference step; synthetic crops already on the device). After ``--warmup`` steps, ``--steps`` steps
+are timed without the profiler (``time.perf_counter``, one device sync after the last), then ``--steps`` more run under
 ``torch.profiler.profile`` (CPU activity always, CUDA activity on CUDA; one discarded profiler warm-up step first,
 so CUPTI's start-up is not in them). Each profiled step is a ``bench:step`` range; every number is per step, the
 median over the profiled steps (``mean`` where it says so):
@@ -13,7 +13,7 @@ median over the profiled steps (``mean`` where it says so):
   the unprofiled mean wall), kernel launches (runtime/driver launch calls, and device kernels), host syncs
   (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` / ``cudaMemcpy`` calls), the
   host time blocked in them, and the GPU idle time that follows a sync (the queue ran dry and waits for launches).
-- ``ours`` per ``dino:*`` range of ``train_step``: host ms, and device ms of the kernels whose launching CPU op
+- ``ours`` per ``dino:*`` range of ``DINOStep``: host ms, and device ms of the kernels whose launching CPU op
   starts inside the range on any thread (so backward kernels, launched from the autograd engine's device thread,
   count in ``dino:backward``; a range's ``device_time_total`` only sums its own thread's children).
 - aten op calls, excluding view/metadata/allocation ops: the ops a TorchDispatchMode sees (the first op below a
@@ -59,7 +59,7 @@ from benchmarks.bench_train import (
 )
 from benchmarks.common import environment, pick_device, print_table, results_path, sync, write_json
 
-PHASES = ("dino:teacher_forward", "dino:student_forward", "dino:loss", "dino:health_sync", "dino:backward",
+PHASES = ("dino:teacher_forward", "dino:student_forward", "dino:loss", "dino:health", "dino:backward",
           "dino:clip", "dino:optimizer_step", "dino:teacher_ema")
 STEP_RANGE, DRAIN_RANGE = "bench:step", "bench:drain"
 # Ops that launch no kernel: views, metadata, allocation (counted neither here nor in the test's dispatch count).
@@ -299,7 +299,7 @@ def run_provider(provider: str, cfg, device: torch.device, args) -> dict[str, An
     with narrow_backbones(args.width):
         if provider in OURS_PROVIDERS:
             torch._dynamo.reset()
-            step = OursStep(cfg, device, *OURS_PROVIDERS[provider])
+            step = OursStep(cfg, device, OURS_PROVIDERS[provider])
         elif provider == "reference":
             step = ReferenceStep(cfg, device)
         else:
@@ -418,7 +418,7 @@ def _print(payload: dict[str, Any], device: torch.device) -> None:
                   r["host_syncs"], r["aten_ops"], r["local_scalar_dense"], r["device_trace"][:30]] for r in ok])
     for r in ok:
         if "phases" in r:
-            print_table(f"{r['arch']} {r['pass']} {r['provider']}: train_step phases",
+            print_table(f"{r['arch']} {r['pass']} {r['provider']}: step phases",
                         ["phase", "host ms", "device ms", "kernels", "aten ops", "syncs"],
                         [[k.removeprefix("dino:"), v["host_ms"], v["device_ms"], v["kernels"], v["aten_ops"],
                           v["host_syncs"]] for k, v in r["phases"].items()])

@@ -9,15 +9,24 @@ clipping, the optimizer step and the teacher EMA. Modes:
 
 Providers:
 
-- ``ours``: ``dino_fast.train.build_training`` + ``train_step`` (DeepSpeed engine, bf16 torch-autocast on GPU / fp32
-  on CPU, folded loss or the Triton kernel, foreach/Triton EMA, multi-tensor clipping, fused AdamW);
+- ``ours``: ``dino_fast.train.build_training`` + the step object ``dino_fast.step.DINOStep`` (DeepSpeed engine, bf16
+  torch-autocast on GPU / fp32 on CPU, folded loss or the Triton kernel, foreach/Triton EMA, multi-tensor clipping,
+  fused AdamW; metrics read one step late, as the trainer does);
 - ``ours-compiled``: the same with ``model.compile=true`` (torch.compile'd backbones; compile time in ``warmup_s``);
 - ``ours-cudagraphs``: also ``model.compile_mode=reduce-overhead``: the compiled backbones replay as CUDA graphs;
+- ``ours-graph``: ``train.cuda_graph=true``, the whole step captured once and replayed (GPU only);
+- ``ours-packed``: ``model.packed_crops=true``, one student backbone pass over every crop;
+- ``ours-packed-graph``: packed crops in the whole-step graph;
+- ``ours-best``: compiled + packed + whole-step graph;
 - ``reference``: the reference step written from DINO_SPEC in plain PyTorch as the reference does it: the eager
   2·(ncrops−1)-pair loss, fp16 autocast + GradScaler (GPU), per-parameter clipping with one host sync per parameter,
   the per-parameter EMA loop, torch AdamW with default settings.
-- ``--reference-repo PATH``: a checkout of facebookresearch/dino; its DINOLoss, clip_gradients,
-  cancel_gradients_last_layer, ViT and head are imported from that path and timed directly.
+- ``reference-repo`` (with ``--reference-repo PATH``, a checkout of facebookresearch/dino): its DINOLoss,
+  clip_gradients, cancel_gradients_last_layer, ViT and head imported from that path and timed directly.
+
+``--batches 64,128,256`` sweeps the batch; ``--at PROVIDER=ARCH:B,...`` restricts a provider to some points (the
+decision run in ``gpu_check.sh`` compiles at one point only). The JSON is rewritten after every row and ends with
+``fastest``: our fastest variant per arch, batch and mode with its ratio to each reference.
 
 MFU = (FLOPs of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` on our step: student forward +
 backward over all crops, teacher forward over the globals, the head and the loss matmuls) × steps/s ÷ the device's
@@ -37,15 +46,22 @@ import torch
 
 from benchmarks.common import environment, pick_device, print_table, results_path, sync, write_json
 from benchmarks.reference import ReferenceDINOLoss
-from dino_fast.config import Config, load_config
+from dino_fast.config import Config, apply_overrides, load_config
 from dino_fast.models import build_student_teacher
 from dino_fast.ops.ema import ema_reference_loop
 from dino_fast.optim import param_groups
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-# provider → (compile, compile_mode) of OursStep; "ours-cudagraphs" replays the compiled backbones as CUDA graphs.
-OURS_PROVIDERS = {"ours": (False, "default"), "ours-compiled": (True, "default"),
-                  "ours-cudagraphs": (True, "reduce-overhead")}
+# provider → the config overrides of OursStep (the variant matrix of the decision run, benchmarks/gpu_check.sh).
+OURS_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "ours": (),
+    "ours-compiled": ("model.compile=true",),
+    "ours-cudagraphs": ("model.compile=true", "model.compile_mode=reduce-overhead"),  # compiled backbones as graphs
+    "ours-graph": ("train.cuda_graph=true",),  # the whole step as one CUDA graph
+    "ours-packed": ("model.packed_crops=true",),  # one student backbone pass over all crops
+    "ours-packed-graph": ("model.packed_crops=true", "train.cuda_graph=true"),
+    "ours-best": ("model.compile=true", "model.packed_crops=true", "train.cuda_graph=true"),
+}
 
 
 def add_step_args(p: argparse.ArgumentParser, archs: str) -> None:
@@ -115,25 +131,39 @@ def crop_stream(cfg: Config, mode: str, device: torch.device, n_images: int, wor
 
 
 class OursStep:
-    def __init__(self, cfg: Config, device: torch.device, compile: bool = False, compile_mode: str = "default"):
-        from dino_fast.train import build_training, init_distributed, resolve_precision
+    """dino_fast's step object (``dino_fast.step``, as the trainer builds it) at epoch 1 of the recipe's schedules.
+
+    Called as the trainer calls it: each call queues a step and then reads the previous step's metrics, so the host
+    runs one step ahead of the device and the wall time per call is the steady-state step time.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, overrides: tuple[str, ...] = ()):
+        from dino_fast.step import Schedules
+        from dino_fast.train import build_training, init_distributed, make_step, resolve_precision
 
         init_distributed()
-        cfg.model.compile, cfg.model.compile_mode = compile, compile_mode
+        apply_overrides(cfg, list(overrides))
         self.precision = resolve_precision(cfg, device)
         self.cfg = cfg
-        self.engine, self.teacher, self.dino_loss, self.ema = build_training(cfg, device, 1, self.precision)
-        self.teacher_ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.precision == "bf16"
-                            else contextlib.nullcontext)
-        self.describe = (f"DeepSpeed {self.precision}, loss={self.dino_loss.impl}, ema={self.ema.impl}"
-                         + (f", torch.compile backbones ({compile_mode})" if compile else ""))
+        engine, teacher, dino_loss, ema = build_training(cfg, device, 1, self.precision)
+        schedules = Schedules(cfg, 10, cfg.data.batch_size_per_gpu, dino_loss.teacher_temp_schedule)
+        self.values = schedules.at(10, 1)  # epoch 1: past the default one-epoch last-layer freeze, as the reference
+        self.step = make_step(cfg, engine, teacher, dino_loss, ema, self.precision, schedules, 1)
+        self._pending = None
+        m = cfg.model
+        self.describe = (f"DeepSpeed {self.precision}, loss={dino_loss.impl}, ema={ema.impl}"
+                         + (f", torch.compile backbones ({m.compile_mode})" if m.compile else "")
+                         + (", packed crops" if m.packed_crops else "")
+                         + (", whole-step CUDA graph" if cfg.train.cuda_graph else ""))
 
     def __call__(self, crops: list[torch.Tensor]) -> float:
-        from dino_fast.train import train_step
+        metrics = self.step(crops, self.values)
+        previous, self._pending = self._pending, metrics
+        return (previous or metrics).read()["loss"]
 
-        metrics = train_step(self.engine, self.teacher, self.dino_loss, self.ema, crops, epoch=1, lr=1e-4, wd=0.04,
-                             momentum=0.996, cfg=self.cfg, teacher_ctx=self.teacher_ctx)
-        return metrics["loss"]
+    def drain(self) -> float:
+        """Read the newest step's metrics (waits for it)."""
+        return self._pending.read()["loss"] if self._pending is not None else float("nan")
 
 
 class ReferenceStep:
@@ -268,11 +298,12 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
     does the same work as ours); else counted on our eager step."""
     if provider in OURS_PROVIDERS:
         torch._dynamo.reset()  # compile time measured alone, no cache limit carried over from other models
-        step = OursStep(cfg, device, *OURS_PROVIDERS[provider])
-    elif provider == "reference":
-        step = ReferenceStep(cfg, device, args.reference_repo)
+        step = OursStep(cfg, device, OURS_PROVIDERS[provider])
+    elif provider in ("reference", "reference-repo"):
+        step = ReferenceStep(cfg, device, args.reference_repo if provider == "reference-repo" else None)
     else:
-        raise ValueError(f"unknown provider {provider!r} (have: {', '.join([*OURS_PROVIDERS, 'reference'])})")
+        raise ValueError(f"unknown provider {provider!r} (have: {', '.join(OURS_PROVIDERS)}, reference, "
+                         f"reference-repo)")
     stream = crop_stream(cfg, mode, device, args.images, args.workers)
     t_first = time.perf_counter()
     for i in range(args.warmup):
@@ -289,7 +320,7 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
     for _ in range(args.steps):
         t0 = time.perf_counter()
         crops, wait = next(stream)
-        step(crops)  # the step ends in a host sync (loss.item()), so wall time is the step time
+        step(crops)  # ends reading the previous step's loss (ours) or this one's (reference): a step's time
         times.append(time.perf_counter() - t0)
         waits.append(wait)
     times.sort()
@@ -313,72 +344,139 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p, "vit_small_patch16_224,vit_base_patch16_224")
+    p.add_argument("--batches", default=None, help="batch sweep, e.g. 64,128,256 (default: --batch)")
+    p.add_argument("--at", action="append", default=[], metavar="PROVIDER=ARCH:B[,ARCH:B]",
+                   help="run PROVIDER only at these arch/batch points (repeatable), e.g. "
+                        "ours-compiled=vit_small_patch16_224:128; the torch.compile providers (~1 min per compile) "
+                        "always run after the others")
     p.add_argument("--modes", default="synthetic", help="synthetic,torch[,dali,ffcv]")
-    p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,ours-cudagraphs,reference")
+    p.add_argument("--providers", default="ours,reference",
+                   help=f"any of {','.join(OURS_PROVIDERS)},reference,reference-repo")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--images", type=int, default=2000, help="generated JPEGs for the loader modes")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--reference-repo", default=None, help="checkout of facebookresearch/dino to time directly")
+    p.add_argument("--reference-repo", default=None,
+                   help="checkout of facebookresearch/dino: provider reference-repo times its own ViT, loss and loop")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="CPU sanity run: ViT-tiny depth 2, 64/32 px, 4 steps")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="train", help="results file stem: <name>_<device>.json")
     p.add_argument("--set", nargs="*", default=[], help="extra dino_fast config overrides")
     args = p.parse_args(argv)
+    if "reference-repo" in args.providers.split(",") and not args.reference_repo:
+        p.error("provider reference-repo needs --reference-repo PATH (a checkout of facebookresearch/dino)")
+    return args
+
+
+def _cases(args: argparse.Namespace, batches: list[int]) -> list[tuple[str, int, str, str]]:
+    """(arch, batch, mode, provider) in run order: as listed, restricted by --at, compiling providers last."""
+    only: dict[str, set[str]] = {}
+    for spec in args.at:
+        provider, _, points = spec.partition("=")
+        only.setdefault(provider, set()).update(points.split(","))
+    cases = [(arch, batch, mode, provider) for arch in args.archs.split(",") for batch in batches
+             for mode in args.modes.split(",") for provider in args.providers.split(",")
+             if provider not in only or f"{arch}:{batch}" in only[provider]]
+    return sorted(cases, key=lambda c: "model.compile=true" in OURS_PROVIDERS.get(c[3], ()))  # stable
+
+
+def fastest_variants(results: list[dict]) -> list[dict]:
+    """Per (arch, batch, mode): our fastest variant, its img/s and its ratio to each reference measured beside it."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        if "error" in r or not str(r.get("provider", "")).startswith("ours"):
+            continue
+        key = (r["arch"], r["batch"], r["mode"])
+        if key not in best or r["img_per_s"] > best[key]["img_per_s"]:
+            best[key] = r
+    out = []
+    for (arch, batch, mode), r in best.items():
+        row = {"arch": arch, "batch": batch, "mode": mode, "fastest": r["provider"], "img_per_s": r["img_per_s"],
+               "peak_mem_gib": r.get("peak_mem_gib"), "mfu": r.get("mfu")}
+        for ref in ("reference", "reference-repo"):
+            ips = next((x["img_per_s"] for x in results if "error" not in x and x.get("provider") == ref
+                        and (x["arch"], x["batch"], x["mode"]) == (arch, batch, mode)), None)
+            if ips:
+                row[f"vs_{ref.replace('-', '_')}"] = r["img_per_s"] / ips
+        out.append(row)
+    return out
+
+
+def _speedups(results: list[dict]) -> None:
+    """Each of our rows / the reference rows of the same arch, batch and mode (and / the reference on the torch
+    loader for our DALI and FFCV rows: end to end, as users compare trainers)."""
+    def ref_ips(r: dict, provider: str, mode: str) -> float | None:
+        return next((x["img_per_s"] for x in results if "error" not in x and x.get("provider") == provider
+                     and x["arch"] == r["arch"] and x["batch"] == r["batch"] and x["mode"] == mode), None)
+
+    for r in results:
+        if "error" in r or not str(r.get("provider", "")).startswith("ours"):
+            continue
+        for provider, key in (("reference", "speedup_vs_reference"), ("reference-repo", "speedup_vs_reference_repo")):
+            ips = ref_ips(r, provider, r["mode"])
+            if ips:
+                r[key] = r["img_per_s"] / ips
+        torch_ips = ref_ips(r, "reference", "torch") if r["mode"] in ("dali", "ffcv") else None
+        if torch_ips:
+            r["speedup_vs_reference_torch_loader"] = r["img_per_s"] / torch_ips
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = pick_device(args.device)
     extra = list(args.set)
     if args.quick:
         apply_quick(args, extra)
         args.steps, args.warmup = 4, 2
-    rows, results = [], []
-    for arch in args.archs.split(","):
-        for mode in args.modes.split(","):
-            ref_ips, flops = None, None
-            for provider in args.providers.split(","):
-                cfg = bench_config(arch, args.batch, args.locals, args.global_size, args.local_size, args.out_dim,
-                                   device, extra)
-                try:
-                    r = run_case(provider, cfg, mode, device, args, flops)
-                    flops = flops or (r.get("step_tflop", 0) * 1e12 or None)
-                except Exception as exc:  # record and go on: one failing case must not lose the others
-                    r = {"provider": provider, "mode": mode, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
-                results.append(r)
-                if "error" in r:
-                    rows.append([arch, mode, provider, "-", "-", "-", "-", "-", r["error"][:60]])
-                    continue
-                if provider == "reference":
-                    ref_ips = r["img_per_s"]
-                rows.append([arch, mode, provider, r["img_per_s"], r["ms_per_step"], r["data_wait_share"],
-                             r.get("mfu"), r["peak_mem_gib"], r["describe"][:60]])
-            for r in results:
-                if (r.get("arch") == arch and r.get("mode") == mode and r.get("provider", "").startswith("ours")
-                        and "error" not in r and ref_ips):
-                    r["speedup_vs_reference"] = r["img_per_s"] / ref_ips
-    # End to end as users compare trainers: our step on a fast loader vs the reference step on its torch/PIL loader.
-    for arch in args.archs.split(","):
-        ref_torch = next((r["img_per_s"] for r in results if r.get("arch") == arch and r.get("mode") == "torch"
-                          and r.get("provider") == "reference" and "error" not in r), None)
-        for r in results:
-            if (ref_torch and r.get("arch") == arch and r.get("mode") in ("dali", "ffcv")
-                    and str(r.get("provider", "")).startswith("ours") and "error" not in r):
-                r["speedup_vs_reference_torch_loader"] = r["img_per_s"] / ref_torch
+    batches = [int(b) for b in (args.batches or str(args.batch)).split(",")]
+    rows, results, flops = [], [], {}
+    for arch, batch, mode, provider in _cases(args, batches):
+        cfg = bench_config(arch, batch, args.locals, args.global_size, args.local_size, args.out_dim, device, extra)
+        t0 = time.perf_counter()
+        try:
+            r = run_case(provider, cfg, mode, device, args, flops.get((arch, batch, mode)))
+            if r.get("step_tflop"):
+                flops.setdefault((arch, batch, mode), r["step_tflop"] * 1e12)
+        except Exception as exc:  # record and go on: one failing case must not lose the others
+            r = {"provider": provider, "mode": mode, "arch": arch, "batch": batch,
+                 "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r["row_s"] = time.perf_counter() - t0
+        results.append(r)
+        _write(results, args, device)  # after every row: a run cut off at its limit keeps the finished ones
+        print(f"{arch} B={batch} {mode} {provider}: "
+              + (r["error"][:120] if "error" in r else f"{r['img_per_s']:.1f} img/s") + f" ({r['row_s']:.0f} s)",
+              flush=True)
+        rows.append([arch, batch, mode, provider, *(["-"] * 5 + [r["error"][:60]] if "error" in r else [
+            r["img_per_s"], r["ms_per_step"], r["data_wait_share"], r.get("mfu"), r["peak_mem_gib"],
+            r["describe"][:60]])])
+    path = _write(results, args, device)
+    fastest = fastest_variants(results)
+    print_table(f"DINO train step on {environment(device)['device']} (median of {args.steps})",
+                ["arch", "B", "mode", "provider", "img/s", "ms/step", "data wait", "MFU", "peak GiB", "setup"], rows)
+    print_fastest(fastest)
+    print(f"wrote {path}")
+
+
+def _write(results: list[dict], args: argparse.Namespace, device: torch.device):
+    _speedups(results)
     payload = {"benchmark": "train_step", "env": environment(device), "quick": args.quick, "results": results,
+               "fastest": fastest_variants(results),
                "mfu_formula": "FlopCounterMode FLOPs of one step (student fwd+bwd all crops, teacher fwd globals, "
                               "loss) / median step time / dense bf16 peak"}
-    path = write_json(payload, results_path(args.name, device, args.out))
-    print_table(f"DINO train step on {payload['env']['device']} (median of {args.steps})",
-                ["arch", "mode", "provider", "img/s", "ms/step", "data wait", "MFU", "peak GiB", "setup"], rows)
-    for r in results:
-        if "speedup_vs_reference" in r:
-            print(f"{r['arch']} {r['mode']}: {r['provider']} / reference = {r['speedup_vs_reference']:.2f}x")
-        if "speedup_vs_reference_torch_loader" in r:
-            print(f"{r['arch']} {r['mode']}: {r['provider']} / (reference on the torch loader) = "
-                  f"{r['speedup_vs_reference_torch_loader']:.2f}x")
-    print(f"wrote {path}")
+    return write_json(payload, results_path(args.name, device, args.out))
+
+
+def print_fastest(fastest: list[dict]) -> None:
+    print_table("fastest variant per arch and batch", ["arch", "B", "mode", "fastest", "img/s", "MFU", "peak GiB",
+                                                       "/ reference", "/ reference repo"],
+                [[f["arch"], f["batch"], f["mode"], f["fastest"], f["img_per_s"], f.get("mfu"), f["peak_mem_gib"],
+                  f.get("vs_reference"), f.get("vs_reference_repo")] for f in fastest])
 
 
 if __name__ == "__main__":

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (a lent H100/H200, under 8 minutes): CUDA tests, kernel benchmarks, the train-step
-# benchmark (synthetic data), a profile of the train step, and a short real training run through DeepSpeed on the GPU.
+# The prepared GPU check (a lent H100/H200). It starts with the DECISION RUN of issue #13: the train-step batch sweep
+# and variant matrix, one JSON (decision_<device>.json, rows written as they finish) and a table naming the fastest
+# variant per arch and batch; the defaults (model.*, train.*, the README's batch per GPU) are set from it. The older
+# checks follow only with GPU_CHECK_ALL=1 (or by name in GPU_CHECK_ONLY).
 #
-# Budget on an H100 (seconds; the last full run, with the new and the shortened steps estimated):
-#   env 16 + bench-train ~170 (ViT-S only, was 189 with ViT-B: + the CUDA-graph provider) + bench-profile ~55 (new,
-#   with the host-floor pass) + train-demo ~65 (was 110, cut at its limit: 1,200 → 900 steps) + cuda-tests 21 +
-#   bench-augment 14 + bench-loss ~38 (was 72: torch.compile only for its first, real-size configuration) +
-#   bench-train-torch 60 + bench-ema 13  ≈  452 s ≈ 7.5 min.
-# Each step's limit is above its expected time, so one slow step can push the whole past 8 minutes.
-# BENCH_ARCHS=vit_small_patch16_224,vit_base_patch16_224 adds ViT-B to bench-train (about +60 s).
+# Decision run budget, estimated from the H100 runs in benchmarks/results/ (ViT-S/16 2x224+10x96: ours 69-92 ms and
+# the reference 98-114 ms per step at B=64, about linear in B; ViT-B/16 130 / 153 ms; ~7 s per row to build the
+# models and DeepSpeed; torch.compile ~65-71 s per new graph), 7 timed steps per row (2 warm-up: the graph's eager
+# step and its capture, then 5):
+#   ViT-S  ours, packed, graph, packed-graph x B 64/128/256: 4 x (7.5 + 8.1 + 9.1)             ~  99 s
+#          reference, reference repo x B 64/128/256:            2 x (7.7 + 8.4 + 9.8)          ~  52 s
+#   ViT-B  ours, packed, graph x B 64/128/256:                  3 x (7.9 + 8.8 + 10.6)         ~  82 s
+#          reference x B 64/128/256:                              8.1 + 9.1 + 11.3             ~  29 s
+#   ViT-S B=128 compiled (~70 s compile), compiled+reduce-overhead (~25 s, inductor's cache warm),
+#          best = compiled+packed+graph (~65 s, a new graph): ~8 s each besides                ~ 185 s
+#   env 16 s                                                                            total  ~ 463 s = 7.7 min
+# (B=256 of ViT-B may not fit an 80 GB H100 beside the reference's fp16 copies: such a row is recorded as an error.)
+# Rows run in that order, so a cut at the 470 s limit costs the compiled rows first; the JSON keeps every finished row.
 #
 # Writes results and one log into $OUT when set (the device tool's output folder), else benchmarks/results/.
 # Packages the GPU machine lacks travel as wheels in .whl/ (make gpu-wheels builds them here: deepspeed and its
-# pure-Python needs); DALI and FFCV cannot travel, so their GPU modes are skipped there and say so.
+# pure-Python needs); the reference repository's files travel in the ignored .reference/dino/ (main_dino.py,
+# utils.py, vision_transformer.py of facebookresearch/dino; the device tool's carry: [".whl", ".reference"]).
+# DALI and FFCV cannot travel, so their GPU modes are skipped there and say so.
 #
-#   bash benchmarks/gpu_check.sh            # everything, ~7.75 minutes on an H100 (steps most telling first)
+#   bash benchmarks/gpu_check.sh                 # the decision run, ~7.7 minutes on an H100
+#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh # then the CUDA tests, kernel benchmarks, profile, demo training
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-benchmarks/results}
@@ -33,11 +44,13 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 
 ONLY=${GPU_CHECK_ONLY:-}  # e.g. GPU_CHECK_ONLY="bench-train train-demo" runs just those steps
+ALL=${GPU_CHECK_ALL:-0}
 
-step() {  # step NAME TIMEOUT_S CMD...
+step() {  # step NAME TIMEOUT_S CMD...   (after the decision run only with GPU_CHECK_ALL=1 or named in ONLY)
   local name=$1 limit=$2; shift 2
   last_rc=skipped
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  if [ -z "$ONLY" ] && [ "$ALL" != 1 ] && [ "$name" != env ] && [ "$name" != decision ]; then return; fi
   local t0=$SECONDS
   echo "=== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -50,8 +63,24 @@ step() {  # step NAME TIMEOUT_S CMD...
 # Most telling first: a step that runs out of time must not cost the ones before it.
 step env 60 $PY -c "import torch, triton, timm, deepspeed; print(torch.__version__, triton.__version__, \
 timm.__version__, deepspeed.__version__, torch.cuda.get_device_name(0))"
-# The train step: ours eager, ours with torch.compile'd backbones (compile time is reported as warmup_s), the same
-# replayed as CUDA graphs (model.compile_mode=reduce-overhead: one launch per graph instead of ~1,300), reference.
+# THE DECISION RUN (budget above). Providers: ours (the step object, eager), ours-packed (model.packed_crops),
+# ours-graph (train.cuda_graph: the whole step replayed), ours-packed-graph, and at ViT-S B=128 the compiled ones:
+# ours-compiled, ours-cudagraphs (model.compile_mode=reduce-overhead, the fallback), ours-best (compiled + packed +
+# whole-step graph); reference = the reference step in plain PyTorch (fp16 + GradScaler), reference-repo = the
+# reference repository's own ViT, loss and helpers (when .reference/dino travelled).
+S=vit_small_patch16_224
+B=vit_base_patch16_224
+PROVIDERS=ours,ours-packed,ours-graph,ours-packed-graph,reference
+AT=(--at ours-packed-graph=$S:64,$S:128,$S:256 --at ours-compiled=$S:128 --at ours-cudagraphs=$S:128
+    --at ours-best=$S:128)
+if [ -f .reference/dino/main_dino.py ]; then
+  PROVIDERS+=,reference-repo
+  AT+=(--reference-repo .reference/dino --at reference-repo=$S:64,$S:128,$S:256)
+fi
+step decision 470 $PY -m benchmarks.bench_train --archs $S,$B --batches 64,128,256 --modes synthetic \
+  --providers $PROVIDERS,ours-compiled,ours-cudagraphs,ours-best "${AT[@]}" --steps 5 --warmup 2 --name decision
+# The older checks (GPU_CHECK_ALL=1): the CUDA tests of the step (graph vs eager) and the kernels come first.
+step cuda-step-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_step.py
 step bench-train 260 $PY -m benchmarks.bench_train --archs ${BENCH_ARCHS:-vit_small_patch16_224} \
   --modes synthetic --providers ours,ours-compiled,ours-cudagraphs,reference --steps 10 --warmup 3
 # Where the step's time goes (GPU kernels, host launches or syncs): ViT-S/16 B=64, ours (per train_step phase) and
@@ -81,7 +110,8 @@ step bench-train-torch 90 $PY -m benchmarks.bench_train --archs vit_small_patch1
   --providers ours,reference --steps 12 --warmup 3 --images 1000 --workers 14 --name train_torch_loader
 step bench-ema 45 $PY -m benchmarks.bench_ema
 # (bench_loaders is not run here: DALI and FFCV cannot be carried to the lent machine. $OUT returns at most 8
-# files and this script writes exactly 8: the log, train_demo_metrics.jsonl and one JSON per benchmark step.)
+# files: the decision run writes 2 (the log, decision_<device>.json); with GPU_CHECK_ALL=1 it is 9, so name the
+# older steps in GPU_CHECK_ONLY to keep within 8.)
 
 # ======================================================================================== data path (issue #15)
 # FFCV travels in .ffcv_carry/ (`make ffcv-carry`: the package, its extension for Python 3.12 and the shared libraries
@@ -126,3 +156,4 @@ PYEOF
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${status[@]}" | tee -a "$LOG"
 grep -hE "ours / reference|speedup|x vs|-bound:" "$LOG" | tail -20
+grep -A 14 "fastest variant per arch and batch" "$LOG" | tail -15

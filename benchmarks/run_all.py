@@ -75,7 +75,10 @@ def _describe(d: dict, r: dict) -> tuple[str, str, str, str] | None:
     if bench == "train_step" and str(r.get("provider", "")).startswith("ours") and "speedup_vs_reference" in r:
         ref = r["img_per_s"] / r["speedup_vs_reference"]
         mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""
-        compiled = {"ours-compiled": ", compiled", "ours-cudagraphs": ", compiled + CUDA graphs"}.get(r["provider"], "")
+        compiled = {"ours-compiled": ", compiled", "ours-cudagraphs": ", compiled + CUDA graphs",
+                    "ours-graph": ", whole-step CUDA graph", "ours-packed": ", packed crops",
+                    "ours-packed-graph": ", packed crops + whole-step graph",
+                    "ours-best": ", compiled + packed + whole-step graph"}.get(r["provider"], "")
         piece = f"train step {r['arch']} {r['crops']} B={r['batch']} {r['mode']}{compiled}"
         if "speedup_vs_reference_torch_loader" in r:  # our loader vs the reference's: the end-to-end comparison
             ratio = r["speedup_vs_reference_torch_loader"]

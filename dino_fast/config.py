@@ -35,6 +35,7 @@ class ModelConfig:
     compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
     compile_mode: str = "default"  # with compile: default | reduce-overhead (+ CUDA graphs) | max-autotune | ...
     pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (dino_fast/weights.py)
+    packed_crops: bool = False  # student: one backbone pass over all crops (per-token layers once, attention per size)
 
 
 @dataclass
@@ -86,6 +87,11 @@ class OptimConfig:
 
 
 @dataclass
+class TrainConfig:
+    cuda_graph: bool = False  # capture the whole step once as a CUDA graph and replay it (one GPU, ZeRO-0)
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0  # 0, 1 or 2 (3 is refused: the teacher EMA needs whole student parameters)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -127,6 +133,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -256,6 +263,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Dotted ``key=value`` overrides on an existing config (checked as on the command line), then validated."""
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single annotation cannot express."""
     checks = [
@@ -280,6 +295,11 @@ def validate(cfg: Config) -> None:
          "crop scales must lie in (0, 1]"),
         (0 < cfg.data.blur_sigma[0] <= cfg.data.blur_sigma[1],
          "data.blur_sigma must be [low, high] with 0 < low ≤ high (pixels)"),
+        (not (cfg.train.cuda_graph and cfg.deepspeed.zero_stage != 0),
+         "train.cuda_graph=true needs deepspeed.zero_stage=0 (ZeRO's gradient buckets cannot be captured); set "
+         "model.compile=true model.compile_mode=reduce-overhead instead (CUDA graphs of the backbones only)"),
+        (not (cfg.train.cuda_graph and cfg.model.compile and cfg.model.compile_mode == "reduce-overhead"),
+         "train.cuda_graph=true already captures the compiled backbones; use model.compile_mode=default with it"),
     ]
     for ok, message in checks:
         if not ok:

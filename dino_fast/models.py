@@ -73,28 +73,41 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, patch_
 class MultiCropWrapper(nn.Module):
     """Runs consecutive crops of equal resolution as one backbone batch, then the head once on all features.
 
+    With ``packed`` (model.packed_crops) the groups of every resolution go through one packed backbone pass
+    (:func:`dino_fast.packed.packed_features`: per-token layers once over all crops' tokens, attention per group)
+    instead of one backbone pass each; ``packed_fn`` may be replaced by a compiled version of it.
+
     Shape: list of [B, 3, S_i, S_i] → [len(crops)·B, out_dim], rows in crop order. With ``return_backbone`` also
     the backbone's CLS features [len(crops)·B, D] (for a regulariser on them, e.g. KoLeo): ``(features, logits)``.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.packed = packed
+        if packed:
+            from dino_fast.packed import check_packable, packed_features
+
+            check_packable(backbone)
+            self.packed_fn = packed_features
 
     def forward(self, crops: list[torch.Tensor] | torch.Tensor,
                 return_backbone: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        features = []
+        groups = []
         start = 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            features.append(self.backbone(torch.cat(crops[start:end])))
+            groups.append(torch.cat(crops[start:end]) if end - start > 1 else crops[start])
             start = end
-        features = torch.cat(features)
+        if self.packed and len(groups) > 1:
+            features = self.packed_fn(self.backbone, groups)
+        else:
+            features = torch.cat([self.backbone(g) for g in groups])
         logits = self.head(features)
         return (features, logits) if return_backbone else logits
 
@@ -102,14 +115,15 @@ class MultiCropWrapper(nn.Module):
 def build_student_teacher(model_cfg, img_size: int) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (with drop-path) and teacher (none, same weights, no gradients, fp32) from a ModelConfig."""
 
-    def build(drop_path: float, norm_last_layer: bool) -> MultiCropWrapper:
+    def build(drop_path: float, norm_last_layer: bool, packed: bool) -> MultiCropWrapper:
         backbone = build_backbone(model_cfg.arch, img_size, drop_path, model_cfg.patch_size, model_cfg.depth)
         head = DINOHead(backbone.num_features, model_cfg.out_dim, norm_last_layer, model_cfg.head_nlayers,
                         model_cfg.head_hidden_dim, model_cfg.head_bottleneck_dim)
-        return MultiCropWrapper(backbone, head)
+        return MultiCropWrapper(backbone, head, packed)
 
-    student = build(model_cfg.drop_path_rate, model_cfg.norm_last_layer)
-    teacher = build(0.0, True)
+    # The teacher sees the two global crops only (one resolution): nothing to pack.
+    student = build(model_cfg.drop_path_rate, model_cfg.norm_last_layer, getattr(model_cfg, "packed_crops", False))
+    teacher = build(0.0, True, False)
     teacher.load_state_dict(student.state_dict())
     teacher.float()
     for p in teacher.parameters():

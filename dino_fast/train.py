@@ -3,14 +3,14 @@
 Also runs as a single process without a launcher (``python -m dino_fast.train ...``). Device and communication
 backend come from DeepSpeed's accelerator (CUDA + NCCL on GPUs, CPU + gloo/shared memory without one).
 
-The loop, per iteration: schedules → teacher forward (globals) → student forward (all crops) → loss → backward
-→ per-parameter clip → last-layer freeze → optimizer step → teacher EMA → log → checkpoint.
+The loop, per iteration: batch → step (``dino_fast/step.py``: schedules → teacher forward (globals) → student forward
+(all crops) → loss → backward → per-parameter clip → last-layer freeze → optimizer step → teacher EMA) → log the
+previous step → checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -24,19 +24,17 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from dino_fast.attention import periodic_attention
 from dino_fast.checkpoint import Checkpointer, CheckpointError, TrainPosition, check_resumable
 from dino_fast.config import Config, ConfigError, load_config, save_config
 from dino_fast.dist import any_rank
-from dino_fast.health import CollapseDetector, health_metrics
-from dino_fast.koleo import koleo_loss
+from dino_fast.health import CollapseDetector
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
-from dino_fast.optim import cancel_last_layer_grads, clip_gradients, param_groups
+from dino_fast.optim import param_groups
 from dino_fast.progress import Progress
-from dino_fast.schedules import cosine_scheduler, momentum_schedule
+from dino_fast.step import DINOStep, Schedules, StepMetrics, StepValues, state_is_finite
 from dino_fast.summary import summarise_run
 from dino_fast.tblog import open_metrics_log
 from dino_fast.teacher import TeacherEMA
@@ -46,7 +44,7 @@ from pipelines.folder import DataError
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stops before the step so the last checkpoint stays good."""
+    """The loss (or the weights) became NaN/inf; training stops without checkpointing that state."""
 
 
 class LoaderError(RuntimeError):
@@ -109,7 +107,10 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
     import deepspeed
 
     torch.manual_seed(cfg.seed)
-    student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
+    try:
+        student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
+    except ValueError as exc:  # an arch that is no (packable) timm ViT: the message names the key to change
+        raise ConfigError(str(exc)) from None
     init_from_pretrained(cfg, student)  # model.pretrained: before DeepSpeed copies the weights into its optimizer
     teacher.to(device).eval()
     ncrops = 2 + cfg.data.local_crops_number
@@ -133,11 +134,103 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
         # kernel launches of a ViT-S/16 step's backbones cost one launch each graph instead.
         engine.module.backbone.compile(dynamic=False, mode=cfg.model.compile_mode)
         teacher.backbone.compile(dynamic=False, mode=cfg.model.compile_mode)
+        if cfg.model.packed_crops:  # the student's packed pass bypasses backbone.forward: compile that one
+            engine.module.packed_fn = torch.compile(engine.module.packed_fn, dynamic=False, mode=cfg.model.compile_mode)
     return engine, teacher, dino_loss, ema
 
 
+class _Reporter:
+    """Logs each step one step late, once its metrics reached the host, and guards every checkpoint.
+
+    ``push`` is called right after a step was queued: it reads the previous step's metrics (that step has finished
+    or is about to, while the new one runs), logs them, and keeps the new step pending. A non-finite loss found
+    there is remembered in ``bad``; the trainer stops on it at the next point where all ranks agree.
+    """
+
+    def __init__(self, cfg: Config, rank: int, total_steps: int, out_dir: Path, global_batch: int,
+                 steps_per_epoch: int):
+        self.progress = Progress(cfg.logging.progress if rank == 0 else "none", total_steps, cfg.logging.print_every)
+        self.metrics = open_metrics_log(cfg, out_dir) if rank == 0 else None  # metrics.jsonl (+ TensorBoard)
+        self.collapse = CollapseDetector(cfg.model.out_dim, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch)
+        self.global_batch = global_batch
+        self.pending: tuple[dict, StepMetrics] | None = None
+        self.bad: str | None = None
+        self.last: dict = {}
+        self.images_seen, self.t_start = 0, time.perf_counter()
+
+    def push(self, pos: TrainPosition, epoch: int, values: StepValues, metrics: StepMetrics, t_prev: float,
+             t_data: float) -> None:
+        t_end = time.perf_counter()
+        self.images_seen += self.global_batch
+        record = {
+            "step": pos.global_step, "epoch": epoch, "lr": values.lr, "wd": values.wd, "momentum": values.momentum,
+            "teacher_temp": values.teacher_temp, "img_per_s": self.global_batch / (t_end - t_prev),
+            "img_per_s_avg": self.images_seen / (t_end - self.t_start),
+            "data_wait": (t_data - t_prev) / (t_end - t_prev), "step_time": t_end - t_prev, "time": time.time(),
+        }
+        self.flush()
+        self.pending = (record, metrics)
+
+    def flush(self) -> None:
+        """Read and log the pending step (waits for that step's device work only)."""
+        if self.pending is None:
+            return
+        (record, metrics), self.pending = self.pending, None
+        values = metrics.read()
+        for key in ("loss", "koleo"):  # the DINO loss, and the KoLeo term when it is on
+            if not math.isfinite(values.get(key, 0.0)):
+                what = "loss" if key == "loss" else "KoLeo term"
+                self.bad = self.bad or f"{what} is {values[key]} at step {record['step']} (epoch {record['epoch']})"
+                return
+        self.last = {**record, **values}
+        record = {"step": record["step"], "epoch": record["epoch"], **values, **record}  # the old key order
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.progress.update(record)
+        warning = self.collapse.update(record["step"], record["teacher_entropy"], record["loss"],
+                                       record["teacher_batch_entropy"])
+        if warning:
+            self.progress.warn(warning)
+
+    def log_knn(self, knn: dict, step: int, epoch: int, what: str, k: int) -> None:
+        if self.metrics is not None:
+            self.metrics.write({"step": step, "epoch": epoch, **knn, "time": time.time()})
+        self.progress.info(f"{what} k-NN (teacher, k={k}): top-1 {knn['knn_top1']:.2f}% top-5 {knn['knn_top5']:.2f}%")
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _non_finite_error(bad: str | None, ckpt: Checkpointer) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{bad or 'the loss or the weights became non-finite on another rank'}; stopped without checkpointing it. "
+        f"Last good checkpoint: {ckpt.latest() or 'none'}. Lower optim.lr, raise optim.warmup_epochs or check the data."
+    )
+
+
+def _loader_error(failure: BaseException | None, ckpt: Checkpointer, step: int) -> Exception:
+    kept = f"every finished step is in checkpoint {ckpt.latest() or 'none'}"
+    if isinstance(failure, DataError):  # the data's fault, said by the loader: exit code 2
+        return DataError(f"{failure} ({kept}; fix the data and rerun to resume)")
+    where = f"{type(failure).__name__}: {failure}" if failure else "on another rank"
+    return LoaderError(f"the data loader failed before step {step} ({where}); {kept}. Rerun the same command to "
+                       f"resume; if the kernel's OOM killer ended a worker (see dmesg), lower data.num_workers first")
+
+
+def _inject_nan_at() -> int:
+    """Test hook: ``DINO_FAST_NAN_AT_STEP=N`` fills step N's first crop with NaN (a late non-finite loss on a real
+    run, tests/test_step.py); 0 (unset) does nothing."""
+    return int(os.environ.get("DINO_FAST_NAN_AT_STEP", "0") or 0)
+
+
 def train(cfg: Config) -> dict:
-    """Run training as configured; returns the last step's metrics."""
+    """Run training as configured; returns the last logged step's metrics.
+
+    The loop, as dinov2's do_train: batch → all ranks agree to go on → step (queued on the device) → log the previous
+    step (its metrics have reached the host by now) → k-NN → checkpoint (after reading the newest step's metrics).
+    """
     from deepspeed.accelerator import get_accelerator
 
     rank, world, local_rank = init_distributed()
@@ -148,24 +241,16 @@ def train(cfg: Config) -> dict:
     precision = resolve_precision(cfg, device)
     out_dir = Path(cfg.checkpoint.output_dir)
 
-    # ---- data
+    # ---- data, models, schedules, the step
     loader = build_loader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device)
     steps_per_epoch = loader.steps_per_epoch
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps)
-
-    # ---- models, loss, optimizer, engine
+    total_steps = min(cfg.optim.epochs * steps_per_epoch, cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch)
     engine, teacher, dino_loss, ema = build_training(cfg, device, world, precision)
     torch.manual_seed(cfg.seed + rank)  # same init everywhere, per-rank drop-path noise from here on
     np.random.seed(cfg.seed + rank)
-
-    # ---- schedules (per iteration; lr scaled by the global batch)
     global_batch = cfg.data.batch_size_per_gpu * world
-    lr_s = cosine_scheduler(cfg.optim.lr * global_batch / 256.0, cfg.optim.min_lr, cfg.optim.epochs, steps_per_epoch,
-                            cfg.optim.warmup_epochs)
-    wd_s = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs, steps_per_epoch)
-    mom_s = momentum_schedule(cfg.dino.momentum_teacher, cfg.optim.epochs, steps_per_epoch)
+    schedules = Schedules(cfg, steps_per_epoch, global_batch, dino_loss.teacher_temp_schedule)
+    step = make_step(cfg, engine, teacher, dino_loss, ema, precision, schedules, world)
 
     # ---- resume
     ckpt = Checkpointer(out_dir, cfg.checkpoint.keep_last)
@@ -178,59 +263,40 @@ def train(cfg: Config) -> dict:
             pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
     saved_step = pos.global_step  # the newest step a checkpoint holds (0: none yet, nothing to keep)
 
-    progress = Progress(cfg.logging.progress if rank == 0 else "none", total_steps, cfg.logging.print_every)
-    metrics = open_metrics_log(cfg, out_dir) if rank == 0 else None  # metrics.jsonl (+ TensorBoard)
+    report = _Reporter(cfg, rank, total_steps, out_dir, global_batch, steps_per_epoch)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-        progress.info(
-            f"dino_fast: {world} rank(s) on {device.type} ({acc.communication_backend_name()}), precision {precision}, "
-            f"ZeRO-{cfg.deepspeed.zero_stage}, loss={dino_loss.impl}, ema={ema.impl}, data={cfg.data.backend}, "
-            f"{f'compiled backbones ({cfg.model.compile_mode}), ' if cfg.model.compile else ''}"
-            f"{steps_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch {global_batch}, "
-            f"output {out_dir.resolve()}"
-            + (f", resumed from {resume_from}" if resume_from else "")
-        )
+        report.progress.info(_startup_line(cfg, world, device, acc, precision, dino_loss, ema, steps_per_epoch,
+                                           global_batch, out_dir, resume_from))
 
-    def save() -> None:
+    def save() -> None:  # never a non-finite state: the newest step's metrics and the weights are checked first
         nonlocal saved_step
+        report.flush()
+        finite = state_is_finite(engine.module, teacher, extra=(dino_loss.center,))
+        if report.bad is None and not finite:
+            report.bad = f"the weights after step {pos.global_step} are not finite (its loss was)"
+        if any_rank(report.bad is not None)[0]:
+            raise _non_finite_error(report.bad, ckpt)
         ckpt.save(engine, teacher, dino_loss, pos, cfg, steps_per_epoch)
         saved_step = pos.global_step
 
-    collapse = CollapseDetector(cfg.model.out_dim, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch)
     stop = {"signal": None}
-
-    def request_stop(signum, _frame):  # finish the current step, checkpoint, exit; a second Ctrl-C quits at once
-        if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        if stop["signal"] is None:  # the first one names the stop (a launcher may follow Ctrl-C with SIGTERM)
-            stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    teacher_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else (
-        contextlib.nullcontext)
-    last: dict = {}
-    images_seen, t_start = 0, time.perf_counter()
-    batches = None
+    old_handlers = {s: signal.signal(s, _stop_handler(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
+    nan_at, batches = _inject_nan_at(), None
     try:
         if cfg.eval.knn_at_start and pos.global_step == 0:
-            knn = periodic_knn(cfg, teacher, device, rank, world)
-            if metrics is not None:
-                metrics.write({"step": 0, "epoch": 0, **knn, "time": time.time()})
-            progress.info(f"initial k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}% "
-                          f"top-5 {knn['knn_top5']:.2f}%")
+            report.log_knn(periodic_knn(cfg, teacher, device, rank, world), 0, 0, "initial", cfg.eval.knn_k)
         stopping = False
         while pos.global_step < total_steps and not stopping:
             epoch = pos.epoch
             loader.set_epoch(epoch, pos.step_in_epoch)
             engine.train()
             batches = iter(loader)
-            steps_before = pos.global_step
-            t_prev = time.perf_counter()
+            steps_before, t_prev = pos.global_step, time.perf_counter()
             while True:
-                # ---- next batch, then all ranks agree whether to go on: a signal or a failed loader on any rank
-                # stops every rank here, between steps, where the state is whole and can be checkpointed.
+                # ---- next batch, then all ranks agree whether to go on: a signal, a failed loader or a non-finite
+                # step on any rank stops every rank here, between steps, where the state is whole.
                 try:
                     batch, failure = next(batches), None
                 except StopIteration:
@@ -239,71 +305,45 @@ def train(cfg: Config) -> dict:
                     batch, failure = None, exc
                 # A worker that died with a stop signal (SLURM and launchers signal the whole process tree) is
                 # part of that stop, not a failure.
-                stopping, failed = any_rank(stop["signal"] is not None, failure is not None and stop["signal"] is None)
+                stopping, failed, bad = any_rank(stop["signal"] is not None,
+                                                 failure is not None and stop["signal"] is None, report.bad is not None)
+                if bad:
+                    raise _non_finite_error(report.bad, ckpt)
                 if stopping or failed:
                     if pos.global_step > saved_step:
                         save()
                     if failed:
-                        kept = f"every finished step is in checkpoint {ckpt.latest() or 'none'}"
-                        if isinstance(failure, DataError):  # the data's fault, said by the loader: exit code 2
-                            raise DataError(f"{failure} ({kept}; fix the data and rerun to resume)") from None
-                        where = f"{type(failure).__name__}: {failure}" if failure else "on another rank"
-                        raise LoaderError(
-                            f"the data loader failed before step {pos.global_step + 1} ({where}); {kept}. Rerun the "
-                            f"same command to resume; if the kernel's OOM killer ended a worker (see dmesg), lower "
-                            f"data.num_workers first"
-                        ) from None
+                        raise _loader_error(failure, ckpt, pos.global_step + 1) from None
                     break
                 t_data = time.perf_counter()
-                it = epoch * steps_per_epoch + pos.step_in_epoch
+                # ---- the step: queued on the device, nothing here waits for it
                 crops = [c.to(device, non_blocking=True) for c in batch.crops]
-                try:
-                    step_metrics = train_step(engine, teacher, dino_loss, ema, crops, epoch=epoch, lr=lr_s[it],
-                                              wd=wd_s[it], momentum=mom_s[it], cfg=cfg, teacher_ctx=teacher_ctx)
-                except NonFiniteLossError as exc:
-                    raise NonFiniteLossError(
-                        f"loss is {exc} at step {pos.global_step + 1} (epoch {epoch}); stopped before the "
-                        f"update. Last good checkpoint: {ckpt.latest() or 'none'}. Lower optim.lr, raise "
-                        f"optim.warmup_epochs or check the data."
-                    ) from None
-                # ---- log
+                if nan_at == pos.global_step + 1:
+                    crops[0] = torch.full_like(crops[0], float("nan"))
+                values = schedules.at(epoch * steps_per_epoch + pos.step_in_epoch, epoch)
+                step_metrics = step(crops, values)
                 pos.step_in_epoch += 1
                 pos.global_step += 1
                 if pos.step_in_epoch == steps_per_epoch:
                     pos.epoch, pos.step_in_epoch = epoch + 1, 0
-                t_end = time.perf_counter()
-                images_seen += global_batch
-                last = {
-                    "step": pos.global_step, "epoch": epoch, **step_metrics, "lr": float(lr_s[it]),
-                    "wd": float(wd_s[it]), "momentum": float(mom_s[it]),
-                    "teacher_temp": float(dino_loss.teacher_temp_schedule[epoch]),
-                    "img_per_s": global_batch / (t_end - t_prev),
-                    "img_per_s_avg": images_seen / (t_end - t_start), "data_wait": (t_data - t_prev) / (t_end - t_prev),
-                    "step_time": t_end - t_prev, "time": time.time(),
-                }
-                if metrics is not None:
-                    metrics.write(last)
-                progress.update(last)
-                warning = collapse.update(pos.global_step, last["teacher_entropy"], last["loss"],
-                                          last["teacher_batch_entropy"])
-                if warning:
-                    progress.warn(warning)
+                # ---- log the previous step (read now, while this one runs)
+                report.push(pos, epoch, values, step_metrics, t_prev, t_data)
                 if stop["signal"] is not None and rank == 0:
-                    progress.info(f"signal {stop['signal']}: stopping after step {pos.global_step} with a checkpoint"
-                                  + (" (Ctrl-C again quits at once, without it)" if stop["signal"] == signal.SIGINT
-                                     else ""))
+                    report.progress.info(
+                        f"signal {stop['signal']}: stopping after step {pos.global_step} with a checkpoint"
+                        + (" (Ctrl-C again quits at once, without it)" if stop["signal"] == signal.SIGINT else ""))
                 # ---- periodic k-NN on the held-out split, then checkpoint
                 end_of_epoch = pos.step_in_epoch == 0
-                if end_of_epoch and cfg.eval.knn_every_epochs and (epoch + 1) % cfg.eval.knn_every_epochs == 0:
-                    knn = periodic_knn(cfg, teacher, device, rank, world)
-                    if metrics is not None:
-                        metrics.write({"step": pos.global_step, "epoch": epoch, **knn, "time": time.time()})
-                    progress.info(f"epoch {epoch} k-NN (teacher, k={cfg.eval.knn_k}): top-1 {knn['knn_top1']:.2f}%"
-                                  f" top-5 {knn['knn_top5']:.2f}%")
+                knn_due = end_of_epoch and cfg.eval.knn_every_epochs and (epoch + 1) % cfg.eval.knn_every_epochs == 0
+                if knn_due:
+                    report.flush()
+                if knn_due and report.bad is None:  # (a non-finite step stops at the checkpoint below)
+                    report.log_knn(periodic_knn(cfg, teacher, device, rank, world), pos.global_step, epoch,
+                                   f"epoch {epoch}", cfg.eval.knn_k)
                 every_attn = cfg.eval.attention_every_epochs
                 if end_of_epoch and every_attn and (epoch + 1) % every_attn == 0 and rank == 0:
-                    png = periodic_attention(cfg, teacher, out_dir, pos.global_step, device, metrics)
-                    progress.info(f"epoch {epoch} attention maps: {png}")
+                    png = periodic_attention(cfg, teacher, out_dir, pos.global_step, device, report.metrics)
+                    report.progress.info(f"epoch {epoch} attention maps: {png}")
                 done = pos.global_step >= total_steps
                 every = cfg.checkpoint.every_steps
                 if end_of_epoch or done or (every and pos.global_step % every == 0):
@@ -314,22 +354,56 @@ def train(cfg: Config) -> dict:
             if pos.global_step == steps_before and not stopping:  # would spin forever on the same position
                 raise DataError(f"the {cfg.data.backend} loader yielded no batch for epoch {epoch} from step "
                                 f"{pos.step_in_epoch} of {steps_per_epoch}; check data.path and the loader")
+        report.flush()
     finally:
         if batches is not None and hasattr(batches, "close"):
             batches.close()  # shuts the loader's workers down now, not when an exception's traceback is freed
-        progress.close()
-        if metrics is not None:
-            metrics.close()
+        report.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     if rank == 0:
         how = f"stopped by signal {stop['signal']}" if stop["signal"] is not None else "done"
-        progress.info(f"{how}: {pos.global_step} steps; checkpoint {ckpt.latest()}; "
-                      f"metrics {out_dir / cfg.logging.metrics_file}; output {out_dir.resolve()}")
+        report.progress.info(f"{how}: {pos.global_step} steps; checkpoint {ckpt.latest()}; "
+                             f"metrics {out_dir / cfg.logging.metrics_file}; output {out_dir.resolve()}")
         if cfg.logging.summary:
             for line in summarise_run(out_dir / cfg.logging.metrics_file, cfg.model.out_dim):
-                progress.info(line)
-    return last
+                report.progress.info(line)
+    return report.last
+
+
+def _stop_handler(stop: dict):
+    def request_stop(signum, _frame):  # finish the current step, checkpoint, exit; a second Ctrl-C quits at once
+        if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if stop["signal"] is None:  # the first one names the stop (a launcher may follow Ctrl-C with SIGTERM)
+            stop["signal"] = signum
+
+    return request_stop
+
+
+def _startup_line(cfg, world, device, acc, precision, dino_loss, ema, steps_per_epoch, global_batch, out_dir,
+                  resume_from) -> str:
+    return (
+        f"dino_fast: {world} rank(s) on {device.type} ({acc.communication_backend_name()}), precision {precision}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage}, loss={dino_loss.impl}, ema={ema.impl}, data={cfg.data.backend}, "
+        f"{f'compiled backbones ({cfg.model.compile_mode}), ' if cfg.model.compile else ''}"
+        f"{'packed crops, ' if cfg.model.packed_crops else ''}"
+        f"{'whole-step CUDA graph, ' if cfg.train.cuda_graph else ''}"
+        f"{steps_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch {global_batch}, "
+        f"output {out_dir.resolve()}"
+        + (f", resumed from {resume_from}" if resume_from else "")
+    )
+
+
+def make_step(cfg: Config, engine, teacher, dino_loss, ema, precision: str, schedules: Schedules, world: int):
+    """The step object the config asks for: :class:`DINOStep`, or the whole-step CUDA graph (train.cuda_graph)."""
+    if cfg.train.cuda_graph:
+        from dino_fast.graph_step import CudaGraphStep
+
+        return CudaGraphStep(engine, teacher, dino_loss, ema, cfg, precision=precision, schedules=schedules,
+                             world=world)
+    return DINOStep(engine, teacher, dino_loss, ema, cfg, precision=precision, schedules=schedules)
 
 
 def periodic_knn(cfg: Config, teacher: torch.nn.Module, device: torch.device, rank: int, world: int) -> dict:
@@ -346,63 +420,6 @@ def periodic_knn(cfg: Config, teacher: torch.nn.Module, device: torch.device, ra
         progress=False)
     top1, top5 = results[cfg.eval.knn_k]
     return {"knn_top1": top1, "knn_top5": top5}
-
-
-def train_step(engine, teacher: torch.nn.Module, dino_loss: DINOLoss, ema: TeacherEMA, crops: list[torch.Tensor], *,
-               epoch: int, lr: float, wd: float, momentum: float, cfg: Config,
-               teacher_ctx=contextlib.nullcontext) -> dict[str, float]:
-    """One DINO iteration on crops already on the device; returns the loss and the health metrics as floats.
-
-    Raises NonFiniteLossError (message: the loss value) before any update when the loss is not finite.
-    """
-    if cfg.model.compile:  # a new iteration: CUDA-graph outputs of the last one may be overwritten from here on
-        torch.compiler.cudagraph_mark_step_begin()
-    # Each phase is a named profiler range (benchmarks/bench_profile.py splits the step's time by them); outside a
-    # profiler a range costs about a microsecond.
-    # ---- schedules
-    for i, group in enumerate(engine.optimizer.param_groups):
-        group["lr"] = lr
-        if i == 0:  # the regularised group only
-            group["weight_decay"] = wd
-    # ---- forward: teacher on the globals, student on every crop
-    with record_function("dino:teacher_forward"), torch.no_grad(), teacher_ctx():
-        teacher_out = teacher(crops[:2])
-    koleo_weight = cfg.dino.koleo_weight
-    with record_function("dino:student_forward"):
-        student_out = engine(crops, return_backbone=True) if koleo_weight else engine(crops)
-        if koleo_weight:  # DINOv2: KoLeo on each global crop's CLS features, added to the DINO loss
-            features, student_out = student_out
-            koleo = sum(koleo_loss(f) for f in features[: 2 * crops[0].shape[0]].chunk(2))
-    with record_function("dino:loss"):
-        center = dino_loss.center.clone()  # the center this loss uses (forward updates it)
-        targets = dino_loss.sinkhorn_targets(teacher_out, epoch)
-        dino = dino_loss(student_out, teacher_out, epoch, targets=targets)
-        loss = dino + koleo_weight * koleo if koleo_weight else dino
-    with record_function("dino:health_sync"):
-        health = health_metrics(None, teacher_out, center, float(dino_loss.teacher_temp_schedule[epoch]),
-                                dino_loss.student_temp, dino_loss.ncrops, loss=dino, targets=targets)
-        if koleo_weight:
-            health["koleo"] = koleo.detach().float()
-        # "loss" is the DINO loss (comparable with ln K and the reference); the KoLeo term is logged on its own.
-        values = torch.stack([dino.detach().float(), *health.values()]).tolist()  # the step's one host sync
-    out = dict(zip(["loss", *health], values))
-    for key in ("loss", "koleo"):
-        if not math.isfinite(out.get(key, 0.0)):
-            raise NonFiniteLossError(str(out[key]) + ("" if key == "loss" else f" ({key})"))
-    # ---- backward, clip, freeze, step
-    with record_function("dino:backward"):
-        engine.backward(loss)
-    with record_function("dino:clip"):
-        if cfg.optim.clip_grad > 0:
-            clip_gradients(engine.module, cfg.optim.clip_grad)
-        if epoch < cfg.optim.freeze_last_layer:
-            cancel_last_layer_grads(engine.module)
-    with record_function("dino:optimizer_step"):
-        engine.step()
-    # ---- teacher EMA
-    with record_function("dino:teacher_ema"):
-        ema.update(momentum)
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

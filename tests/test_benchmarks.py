@@ -29,6 +29,29 @@ def test_bench_train_quick_run_writes_results_the_summary_reads(tmp_path):
     assert ratio == f"{ours['speedup_vs_reference']:.2f}×" and run_all._describe(payload, ref) is None
 
 
+def test_bench_train_quick_batch_sweep_of_the_new_variants(tmp_path):
+    """The decision run's shape on CPU: a batch sweep over the packed and whole-step-graph variants and the
+    reference; the graph is refused on CPU as one recorded error row, and the fastest-variant table is the maximum
+    of our rows at each batch."""
+    out = tmp_path / "sweep.json"
+    bench_train.main(["--quick", "--batches", "4,8", "--providers", "ours,ours-packed,ours-graph,reference",
+                      "--steps", "2", "--warmup", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    rows = {(r["provider"], r["batch"]): r for r in payload["results"]}
+    assert set(rows) == {(p, b) for p in ("ours", "ours-packed", "ours-graph", "reference") for b in (4, 8)}
+    for b in (4, 8):
+        assert "needs a CUDA GPU" in rows["ours-graph", b]["error"]
+        packed = rows["ours-packed", b]
+        assert "packed crops" in packed["describe"] and packed["batch"] == b and packed["img_per_s"] > 0
+        assert packed["speedup_vs_reference"] == pytest.approx(packed["img_per_s"] / rows["reference", b]["img_per_s"])
+    fastest = {f["batch"]: f for f in payload["fastest"]}
+    assert set(fastest) == {4, 8}
+    for b, f in fastest.items():
+        ours = {p: rows[p, b]["img_per_s"] for p in ("ours", "ours-packed")}
+        assert f["fastest"] == max(ours, key=ours.get) and f["img_per_s"] == max(ours.values())
+        assert f["vs_reference"] == pytest.approx(f["img_per_s"] / rows["reference", b]["img_per_s"])
+
+
 class _AtenCalls(TorchDispatchMode):
     """Counts the aten ops that reach the dispatcher's Python key (below autograd and every implicit decomposition)."""
 

@@ -1,6 +1,7 @@
 """Sinkhorn-Knopp teacher targets and the KoLeo regulariser against independent float64 computations, the loss on
 given targets (eager and the Triton student kernel) against the literal pair sum, and the distributed SK."""
 
+import math
 import os
 import socket
 
@@ -142,3 +143,26 @@ def test_compiled_sinkhorn_equals_eager():
     torch.testing.assert_close(compiled(logits, 0.02, 3), _single_rank(logits, 0.02, 3), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(_single_rank(logits, 0.02, 3).double(), sinkhorn_float64(logits, 0.02, 3),
                                rtol=1e-4, atol=1e-9)
+
+
+def test_a_tiny_run_with_sinkhorn_and_koleo_logs_both(tiny_overrides):
+    """The trainer with the demo recipe's two options: KoLeo is logged apart from the DINO loss, the health
+    metrics are those of the Sinkhorn-Knopp targets, and the student moved."""
+    import json
+    from pathlib import Path
+
+    from dino_fast.config import load_config
+    from dino_fast.train import train
+
+    cfg = load_config(None, tiny_overrides + ["optim.max_steps=3", "dino.centering=sinkhorn_knopp",
+                                              "dino.koleo_weight=0.1", "model.drop_path_rate=0"])
+    last = train(cfg)
+    records = [json.loads(x) for x in (Path(cfg.checkpoint.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["koleo"] == r["koleo"] and abs(r["koleo"]) < 20  # finite, −mean log distance of unit vectors
+        assert 0 < r["teacher_entropy"] < math.log(256) and r["teacher_student_kl"] >= -1e-4
+        # "loss" is the DINO loss alone: H(targets) + KL, not the KoLeo-weighted total.
+        assert abs(r["loss"] - (r["teacher_entropy"] + r["teacher_student_kl"])) < 1e-4
+    assert last["step"] == 3

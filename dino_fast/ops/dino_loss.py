@@ -100,7 +100,7 @@ class _EagerDINOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        if grad is not None and not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        if grad is not None:  # scaled on the device: checking for grad_loss == 1 first would sync the host
             grad = grad * grad_loss.to(grad.dtype)
         return grad, None, None, None, None
 
@@ -396,9 +396,9 @@ class DINOLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None, None, None
-        # Syncs once to skip a full read+write of the gradient in the common case (no loss scaling).
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad = grad * grad_loss.to(grad.dtype)
+        # Always scaled, on the device: skipping the multiply when grad_loss == 1 would need the host to read it (a
+        # sync per step); the multiply is one read+write of the gradient (~40 µs for 12×64×65536 bf16 on an H100).
+        grad = grad * grad_loss.to(grad.dtype)
         return grad, None, None, None, None, None, None
 
 
