@@ -25,6 +25,9 @@
 # DALI and FFCV cannot travel, so their GPU modes are skipped there and say so.
 #
 #   bash benchmarks/gpu_check.sh                 # the decision run, ~7.7 minutes on an H100
+#   GPU_CHECK_ONLY="env ffcv-import bench-loaders bench-train-ffcv dali-gpu" bash benchmarks/gpu_check.sh
+#                                                # the data path of issue #15 (~2.5 minutes): a second device call,
+#                                                # since one call is limited to 10 minutes (carry .whl, .ffcv_carry)
 #   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh # then the CUDA tests, kernel benchmarks, profile, demo training
 set -uo pipefail
 cd "$(dirname "$0")/.."

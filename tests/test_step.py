@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
-from runs import ckpt_dir, run_main, student_state
 
 from dino_fast.config import load_config
 from dino_fast.health import health_metrics
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients
 from dino_fast.step import METRIC_NAMES, DINOStep, Schedules, state_is_finite
 from dino_fast.train import build_training, init_distributed
+
+from runs import ckpt_dir, run_main, student_state
 
 
 def reference_train_step(engine, teacher, dino_loss, ema, crops, *, epoch, lr, wd, momentum, cfg) -> dict[str, float]:
