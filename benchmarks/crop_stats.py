@@ -80,7 +80,9 @@ def crop_stats(crops: torch.Tensor) -> dict[str, np.ndarray]:
     lap = 4 * lum[:, 1:-1, 1:-1] - lum[:, :-2, 1:-1] - lum[:, 2:, 1:-1] - lum[:, 1:-1, :-2] - lum[:, 1:-1, 2:]
     chroma = x.amax(1) - x.amin(1)
     return {"gray": (chroma.amax((1, 2)) < 1.5 / 255).double().numpy(),
-            "solarised": (x.amax((1, 2, 3)) < 0.5).double().numpy(),  # solarize leaves no value ≥ 128/255
+            # solarize leaves no value ≥ 128/255 (uint8 pipelines even ≤ 127/255; FFCV's float pipeline keeps
+            # values just under 128/255 that rounding would take to 127, so the bound is 128/255, not 0.5)
+            "solarised": (x.amax((1, 2, 3)) < 128 / 255).double().numpy(),
             "sharpness": lap.abs().mean((1, 2)).double().numpy(),
             "brightness": lum.mean((1, 2)).double().numpy(),
             "contrast": lum.flatten(1).std(1).double().numpy(),
