@@ -193,6 +193,7 @@ def test_cuda_graph_on_cpu_is_a_one_line_error(tiny_overrides, capsys):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
 def test_cuda_graph_step_follows_the_eager_step(tiny_overrides):
     """On a GPU: 5 steps of the whole-step graph (an eager warm-up step, a capture, replays, a recapture when the
     last-layer freeze ends) train the weights of the eager step object; fp32 and no drop-path, so no draw differs."""
