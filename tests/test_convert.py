@@ -130,9 +130,11 @@ def test_interrupted_conversion_leaves_no_valid_looking_file(tmp_path, sig):
         Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(src / f"{i:03d}.png",
                                                                                    compress_level=0)
     dst = tmp_path / "out.beton"
+    # SIGINT at its default, as in a terminal: a test run started in the background by a non-interactive shell
+    # (`make test &`) ignores SIGINT, and an ignored SIGINT is inherited by the converter.
     proc = subprocess.Popen(_convert_cmd(src, dst, "--workers", "1", "--max-resolution", "400"), env=_env(),
                             cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # wait for the first 2 MiB data page: ffcv's workers are then running (a SIGINT during their fork is swallowed
     # by CPython's at-fork hooks, and the conversion would simply complete)
