@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from dino_fast.export import CheckpointError
+from dino_fast.checkpoint import CheckpointError
 from dino_fast.weights import add_source_args, load_source
 from pipelines.folder import DataError, list_images
 from pipelines.spec import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
@@ -186,7 +186,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="shorter side the image is resized to (bicubic)")
     p.add_argument("--max-images", type=int, default=8, help="from a folder: this many, evenly spaced")
     p.add_argument("--mass", type=float, default=0.6, help="share of the attention the masks keep")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     return p.parse_args(argv)
 
 

@@ -112,7 +112,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed (unreadable, or written by a run of another shape); the message says why."""
+    """A checkpoint or weights file cannot be used: missing, unreadable, written by a run or model of another shape;
+    the one-line message says why and what to do. The one error every CLI turns into ``error: ...`` and exit 2."""
 
 
 def unreadable_file(folder: Path) -> str | None:

@@ -32,15 +32,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dino_fast import __version__
+from dino_fast.checkpoint import CheckpointError
 from dino_fast.config import Config, ConfigError, from_dict
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
 EVAL_CROP_PCT = 224 / 256  # DINO's k-NN/linear eval: resize 256 → center crop 224
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file a user gave is missing or does not match; the message says what to do."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dino_fast.export import CheckpointError
+from dino_fast.checkpoint import CheckpointError
 from dino_fast.knn import _labelled_pair, extract_features
 from dino_fast.weights import add_source_args, load_source
 from pipelines.folder import DataError, ImageList
@@ -294,7 +294,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop (bicubic)")
     p.add_argument("--crop", type=int, default=224, help="crop side (a multiple of the patch size)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)

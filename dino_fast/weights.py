@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_fast.export import CheckpointError, read_checkpoint, read_metadata, split_state_dict, timm_kwargs
+from dino_fast.checkpoint import CheckpointError
+from dino_fast.export import read_checkpoint, read_metadata, split_state_dict, timm_kwargs
 
 _PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP/DeepSpeed, torch.compile, DINO's MultiCropWrapper
 _SUBDICTS = ("teacher", "student", "state_dict", "model", "module")  # the first present one holds the weights
@@ -212,13 +213,15 @@ def backbone_from_weights(path: str | Path, arch: str | None = None) -> tuple[nn
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` (a dino_fast checkpoint or run folder) or ``--weights`` (any accepted file), ``--arch``."""
+    """``--checkpoint`` (a dino_fast checkpoint or run folder) or ``--weights`` (any accepted file), ``--arch``,
+    ``--which``, and the ``--device`` the evaluation CLIs run on."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint folder (teacher.pt + config.yaml) or a run folder (its latest)")
     src.add_argument("--weights", help="backbone file: .safetensors from dino-fast-export or timm, a timm or "
                                        "reference-DINO .pth, or a bare backbone state dict")
     parser.add_argument("--arch", help="timm arch for --weights (default: named by the file, else by its width)")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher", help="with --checkpoint")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
 
 
 def load_source(args: argparse.Namespace) -> tuple[nn.Module, str]:

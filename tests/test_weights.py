@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from dino_fast import export, knn
+from dino_fast.checkpoint import CheckpointError
 from dino_fast.config import ConfigError, load_config
-from dino_fast.export import CheckpointError
 from dino_fast.models import build_student_teacher
 from dino_fast.train import train
 from dino_fast.weights import backbone_from_weights, init_from_pretrained, read_weights
