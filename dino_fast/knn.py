@@ -24,13 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dino_fast.export import CheckpointError, read_checkpoint, split_state_dict
+from dino_fast.checkpoint import CheckpointError
+from dino_fast.export import read_checkpoint, split_state_dict
 from dino_fast.models import build_backbone
+from dino_fast.progress import Progress
 from dino_fast.weights import add_source_args, load_source
 from pipelines.folder import DataError, ImageList, list_images
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
@@ -61,34 +62,6 @@ class _EvalImages(Dataset):
         except Exception as exc:  # PIL raises many types; reported by the main process as one clear DataError
             # Raising here would surface as a worker traceback; return the message and fail in the main process.
             return torch.zeros(3, self.crop, self.crop), self.labels[i], f"{self.files[i]} ({type(exc).__name__})"
-
-
-class _Bar:
-    """A rich progress bar on a terminal, a few plain lines otherwise, nothing when disabled."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True):
-        self.total, self.done, self.description = total, 0, description
-        self.console = Console(stderr=True)
-        self.enabled, self.rich, self.next_print = enabled, None, 0.25
-        if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=self.console, transient=True)
-            self.task = self.rich.add_task(description, total=total)
-            self.rich.start()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.rich is not None:
-            self.rich.update(self.task, advance=n)
-        elif self.enabled and self.done >= self.next_print * self.total:
-            print(f"{self.description}: {self.done}/{self.total} images", file=sys.stderr, flush=True)
-            self.next_print = (math.floor(4 * self.done / self.total) + 1) / 4  # about four lines per pass
-
-    def close(self) -> None:
-        if self.rich is not None:
-            self.rich.stop()
 
 
 def _dist_ready() -> bool:
@@ -145,7 +118,9 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
     was_training = backbone.training
     backbone.eval()
     chunks: list[torch.Tensor] = []
-    bar = _Bar(len(files), description, enabled=progress and rank == 0)
+    bar = Progress("auto" if progress and rank == 0 else "none", stderr=True, transient=True,
+                   print_every=max(1, math.ceil(len(files) / 4)))  # about four plain lines per pass
+    bar.phase(description, len(files))
     try:
         for x, _, errors in loader:
             bad = [e for e in errors if e]
@@ -157,7 +132,7 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
                 chunks.append(features_fn(x).float())
             else:
                 chunks.append(nn.functional.normalize(backbone(x).float(), dim=1, p=2))
-            bar.advance(x.shape[0])
+            bar.update(bar.done + x.shape[0])
     finally:
         bar.close()
         backbone.train(was_training)
@@ -336,7 +311,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=224, help="center crop side (a multiple of the patch size)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--train-subset", type=int, default=0, help="use this many train images (0: all)")
     p.add_argument("--val-subset", type=int, default=0, help="use this many val images (0: all)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dino_fast.progress import Progress
 from pipelines.folder import DataError, list_images
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
@@ -102,54 +103,7 @@ class _FolderDataset:
         return image, self.labels[i]
 
 
-class _Progress:
-    """A rich bar with images/s and ETA on a terminal, else a plain line every few seconds."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.rich = enabled and sys.stdout.isatty()
-
-    def __enter__(self) -> _Progress:
-        if self.rich:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:>7.0f} img/s"), TextColumn("ETA"),
-                                 TimeRemainingColumn(), TimeElapsedColumn())
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.rich:
-            self._bar.stop()
-
-    def phase(self, name: str, total: int) -> None:
-        self.name, self.total, self.t0, self.shown = name, total, time.perf_counter(), -1
-        self.last = self.t0
-        if self.rich:
-            self.task = self._bar.add_task(name, total=total, rate=0.0)
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        rate = done / max(now - self.t0, 1e-9)
-        if self.rich:
-            self._bar.update(self.task, completed=done, rate=rate)
-        elif done != self.shown and (now - self.last >= 5.0 or done == self.total):
-            self.last, self.shown = now, done
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
-            print(f"{self.name}: {done}/{self.total} images, {rate:.0f} img/s, ETA {eta:.0f} s", flush=True)
-
-
-def _check_all(files: list[str], workers: int, progress: _Progress) -> list[str | None]:
+def _check_all(files: list[str], workers: int, progress: Progress) -> list[str | None]:
     progress.phase("check", len(files))
     reasons: list[str | None] = []
     if workers <= 1:
@@ -165,7 +119,7 @@ def _check_all(files: list[str], workers: int, progress: _Progress) -> list[str 
 
 
 def _write(tmp: str, dataset: _FolderDataset, workers: int, max_resolution: int, jpeg_quality: int,
-           compress_probability: float, write_mode: str, progress: _Progress) -> None:
+           compress_probability: float, write_mode: str, progress: Progress) -> None:
     import ffcv.writer as ffcv_writer
     from ffcv.fields import IntField, RGBImageField
 
@@ -262,7 +216,7 @@ def convert_folder(src: str | Path, dst: str | Path, *, max_resolution: int = 25
         keep = np.unique(np.linspace(0, len(files) - 1, subset).round().astype(np.int64))
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
 
-    with _Progress(progress) as bar:
+    with Progress("auto" if progress else "none", print_seconds=5.0) as bar:
         reasons = _check_all(files, workers, bar)
         skipped = [(f, r) for f, r in zip(files, reasons) if r is not None]
         good = [i for i, r in enumerate(reasons) if r is None]
