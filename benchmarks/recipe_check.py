@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,20 +43,20 @@ def replay_warnings(steps: list[dict], out_dim: int, warmup_steps: int) -> list[
 
 
 def summarise(run: Path, out_dim: int, warmup_epochs: int) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    """The run's end-of-run summary (:func:`dino_fast.summary.run_summary`) under this file's row keys, with the
+    collapse warnings the current detector gives on its steps."""
+    from dino_fast.plot import read_metrics
+    from dino_fast.summary import run_summary
+
+    records = read_metrics(run / "metrics.jsonl")
+    s = run_summary(records, out_dim)
     steps = [r for r in records if "loss" in r]
-
-    def mean(key: str, rows: list[dict]) -> float:
-        return sum(r[key] for r in rows) / len(rows)
-
+    warmup_steps = warmup_epochs * max(r["step"] for r in steps if r["epoch"] == 0)
     return {
-        "steps": len(steps), "knn_before": knn[0] if knn else None, "knn_after": knn[-1] if len(knn) > 1 else None,
-        "loss_first10": mean("loss", steps[:10]), "loss_last10": mean("loss", steps[-10:]),
-        "entropy_first10": mean("teacher_entropy", steps[:10]), "entropy_last10": mean("teacher_entropy", steps[-10:]),
-        "ln_k": math.log(out_dim),
-        "collapse_warnings_replayed": replay_warnings(
-            steps, out_dim, warmup_epochs * (max(r["step"] for r in steps if r["epoch"] == 0))),
+        "steps": s["steps"], "knn_before": s["knn_start"], "knn_after": s["knn_end"],
+        "loss_first10": s["loss_start"], "loss_last10": s["loss_end"],
+        "entropy_first10": s["entropy_start"], "entropy_last10": s["entropy_end"], "ln_k": s["ln_k"],
+        "collapse_warnings_replayed": replay_warnings(steps, out_dim, warmup_steps),
     }
 
 

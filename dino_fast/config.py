@@ -84,6 +84,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs); schedules keep `epochs`
+    # A step budget instead of an epoch count (0: off): optim.epochs becomes round(total_steps / steps per epoch) once
+    # the data is known, so a recipe trains for about as many steps on a dataset of any size (the demo's 300).
+    total_steps: int = 0
 
 
 @dataclass
@@ -119,6 +122,7 @@ class LoggingConfig:
 class EvalConfig:
     knn_every_epochs: int = 0  # periodic k-NN on the held-out split; 0: off
     knn_at_start: bool = False  # also measure the initial (random) network, as the baseline to beat
+    knn_at_end: bool = False  # and the trained one after the last step (when no periodic k-NN fell there)
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_train_subset: int = 0  # 0: all
@@ -278,6 +282,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.local_crops_number >= 0, "data.local_crops_number must be ≥ 0"),
         (cfg.data.num_workers >= 0, "data.num_workers must be ≥ 0"),
         (cfg.optim.epochs >= 1, "optim.epochs must be ≥ 1"),
+        (cfg.optim.total_steps >= 0, "optim.total_steps must be ≥ 0 (0: train optim.epochs epochs)"),
         (0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs, "optim.warmup_epochs must be in [0, optim.epochs]"),
         (cfg.dino.warmup_teacher_temp_epochs <= cfg.optim.epochs,
          "dino.warmup_teacher_temp_epochs must be ≤ optim.epochs"),
@@ -304,6 +309,28 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def with_step_budget(cfg: Config, steps_per_epoch: int) -> Config:
+    """``optim.total_steps`` > 0: a copy whose ``optim.epochs`` is round(total_steps / steps_per_epoch), the number
+    of whole epochs closest to the budget (the schedules then run whole, as with an epoch count). Raises ConfigError
+    when the budget is under half an epoch of this data, where no whole number of epochs comes near it."""
+    budget = cfg.optim.total_steps
+    if budget <= 0:
+        return cfg
+    epochs = round(budget / steps_per_epoch)
+    if epochs < 1:
+        raise ConfigError(f"optim.total_steps={budget} is less than half an epoch of this data ({steps_per_epoch} "
+                          f"steps): set optim.total_steps=0 and optim.epochs=1 optim.max_steps={budget} (or a smaller "
+                          f"data set) instead")
+    warmup = max(cfg.optim.warmup_epochs, cfg.dino.warmup_teacher_temp_epochs)
+    if warmup > epochs:
+        raise ConfigError(f"optim.total_steps={budget} is {epochs} epoch(s) of this data ({steps_per_epoch} steps "
+                          f"each), fewer than the warm-up's {warmup}: lower optim.warmup_epochs and "
+                          f"dino.warmup_teacher_temp_epochs to ≤ {epochs}, or raise optim.total_steps")
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=epochs))
+    validate(cfg)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -27,13 +27,13 @@ import torch
 
 from dino_fast.attention import periodic_attention
 from dino_fast.checkpoint import Checkpointer, CheckpointError, TrainPosition, check_resumable
-from dino_fast.config import Config, ConfigError, load_config, save_config
+from dino_fast.config import Config, ConfigError, load_config, save_config, with_step_budget
 from dino_fast.dist import any_rank
 from dino_fast.health import CollapseDetector
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
 from dino_fast.optim import param_groups
-from dino_fast.progress import Progress
+from dino_fast.progress import Progress, format_step
 from dino_fast.step import DINOStep, Schedules, StepMetrics, StepValues, state_is_finite
 from dino_fast.summary import summarise_run
 from dino_fast.tblog import open_metrics_log
@@ -148,8 +148,10 @@ class _Reporter:
     """
 
     def __init__(self, cfg: Config, rank: int, total_steps: int, out_dir: Path, global_batch: int,
-                 steps_per_epoch: int):
-        self.progress = Progress(cfg.logging.progress if rank == 0 else "none", total_steps, cfg.logging.print_every)
+                 steps_per_epoch: int, start_step: int = 0):
+        self.progress = Progress(cfg.logging.progress if rank == 0 else "none", print_every=cfg.logging.print_every)
+        self.progress.phase("train", total_steps, done=start_step, unit="steps")
+        self.total_steps = total_steps
         self.metrics = open_metrics_log(cfg, out_dir) if rank == 0 else None  # metrics.jsonl (+ TensorBoard)
         self.collapse = CollapseDetector(cfg.model.out_dim, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch)
         self.global_batch = global_batch
@@ -186,7 +188,7 @@ class _Reporter:
         record = {"step": record["step"], "epoch": record["epoch"], **values, **record}  # the old key order
         if self.metrics is not None:
             self.metrics.write(record)
-        self.progress.update(record)
+        self.progress.update(record["step"], format_step(record, self.total_steps))
         warning = self.collapse.update(record["step"], record["teacher_entropy"], record["loss"],
                                        record["teacher_batch_entropy"])
         if warning:
@@ -231,144 +233,182 @@ def train(cfg: Config) -> dict:
     The loop, as dinov2's do_train: batch → all ranks agree to go on → step (queued on the device) → log the previous
     step (its metrics have reached the host by now) → k-NN → checkpoint (after reading the newest step's metrics).
     """
-    from deepspeed.accelerator import get_accelerator
-
-    rank, world, local_rank = init_distributed()
-    acc = get_accelerator()
-    device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    precision = resolve_precision(cfg, device)
-    out_dir = Path(cfg.checkpoint.output_dir)
-
-    # ---- data, models, schedules, the step
-    loader = build_loader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device)
-    steps_per_epoch = loader.steps_per_epoch
-    total_steps = min(cfg.optim.epochs * steps_per_epoch, cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch)
-    engine, teacher, dino_loss, ema = build_training(cfg, device, world, precision)
-    torch.manual_seed(cfg.seed + rank)  # same init everywhere, per-rank drop-path noise from here on
-    np.random.seed(cfg.seed + rank)
-    global_batch = cfg.data.batch_size_per_gpu * world
-    schedules = Schedules(cfg, steps_per_epoch, global_batch, dino_loss.teacher_temp_schedule)
-    step = make_step(cfg, engine, teacher, dino_loss, ema, precision, schedules, world)
-
-    # ---- resume
-    ckpt = Checkpointer(out_dir, cfg.checkpoint.keep_last)
-    pos = TrainPosition(0, 0, 0)
-    resume_from = ckpt.resolve(cfg.checkpoint.resume)
-    if resume_from is not None:
-        check_resumable(resume_from, cfg, world, steps_per_epoch)
-        pos = Checkpointer.load(resume_from, engine, teacher, dino_loss)
-        if pos.step_in_epoch >= steps_per_epoch:  # the dataset shrank since: that epoch is done
-            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-    saved_step = pos.global_step  # the newest step a checkpoint holds (0: none yet, nothing to keep)
-
-    report = _Reporter(cfg, rank, total_steps, out_dir, global_batch, steps_per_epoch)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        report.progress.info(_startup_line(cfg, world, device, acc, precision, dino_loss, ema, steps_per_epoch,
-                                           global_batch, out_dir, resume_from))
-
-    def save() -> None:  # never a non-finite state: the newest step's metrics and the weights are checked first
-        nonlocal saved_step
-        report.flush()
-        finite = state_is_finite(engine.module, teacher, extra=(dino_loss.center,))
-        if report.bad is None and not finite:
-            report.bad = f"the weights after step {pos.global_step} are not finite (its loss was)"
-        if any_rank(report.bad is not None)[0]:
-            raise _non_finite_error(report.bad, ckpt)
-        ckpt.save(engine, teacher, dino_loss, pos, cfg, steps_per_epoch)
-        saved_step = pos.global_step
-
-    stop = {"signal": None}
-    old_handlers = {s: signal.signal(s, _stop_handler(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
-    nan_at, batches = _inject_nan_at(), None
+    run = _Run(cfg)
+    old_handlers = {s: signal.signal(s, _stop_handler(run.stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if cfg.eval.knn_at_start and pos.global_step == 0:
-            report.log_knn(periodic_knn(cfg, teacher, device, rank, world), 0, 0, "initial", cfg.eval.knn_k)
-        stopping = False
-        while pos.global_step < total_steps and not stopping:
-            epoch = pos.epoch
-            loader.set_epoch(epoch, pos.step_in_epoch)
-            engine.train()
-            batches = iter(loader)
-            steps_before, t_prev = pos.global_step, time.perf_counter()
-            while True:
-                # ---- next batch, then all ranks agree whether to go on: a signal, a failed loader or a non-finite
-                # step on any rank stops every rank here, between steps, where the state is whole.
-                try:
-                    batch, failure = next(batches), None
-                except StopIteration:
-                    break
-                except Exception as exc:  # a worker died or raised (e.g. the OOM killer); the last step is whole
-                    batch, failure = None, exc
-                # A worker that died with a stop signal (SLURM and launchers signal the whole process tree) is
-                # part of that stop, not a failure.
-                stopping, failed, bad = any_rank(stop["signal"] is not None,
-                                                 failure is not None and stop["signal"] is None, report.bad is not None)
-                if bad:
-                    raise _non_finite_error(report.bad, ckpt)
-                if stopping or failed:
-                    if pos.global_step > saved_step:
-                        save()
-                    if failed:
-                        raise _loader_error(failure, ckpt, pos.global_step + 1) from None
-                    break
-                t_data = time.perf_counter()
-                # ---- the step: queued on the device, nothing here waits for it
-                crops = [c.to(device, non_blocking=True) for c in batch.crops]
-                if nan_at == pos.global_step + 1:
-                    crops[0] = torch.full_like(crops[0], float("nan"))
-                values = schedules.at(epoch * steps_per_epoch + pos.step_in_epoch, epoch)
-                step_metrics = step(crops, values)
-                pos.step_in_epoch += 1
-                pos.global_step += 1
-                if pos.step_in_epoch == steps_per_epoch:
-                    pos.epoch, pos.step_in_epoch = epoch + 1, 0
-                # ---- log the previous step (read now, while this one runs)
-                report.push(pos, epoch, values, step_metrics, t_prev, t_data)
-                if stop["signal"] is not None and rank == 0:
-                    report.progress.info(
-                        f"signal {stop['signal']}: stopping after step {pos.global_step} with a checkpoint"
-                        + (" (Ctrl-C again quits at once, without it)" if stop["signal"] == signal.SIGINT else ""))
-                # ---- periodic k-NN on the held-out split, then checkpoint
-                end_of_epoch = pos.step_in_epoch == 0
-                knn_due = end_of_epoch and cfg.eval.knn_every_epochs and (epoch + 1) % cfg.eval.knn_every_epochs == 0
-                if knn_due:
-                    report.flush()
-                if knn_due and report.bad is None:  # (a non-finite step stops at the checkpoint below)
-                    report.log_knn(periodic_knn(cfg, teacher, device, rank, world), pos.global_step, epoch,
-                                   f"epoch {epoch}", cfg.eval.knn_k)
-                every_attn = cfg.eval.attention_every_epochs
-                if end_of_epoch and every_attn and (epoch + 1) % every_attn == 0 and rank == 0:
-                    png = periodic_attention(cfg, teacher, out_dir, pos.global_step, device, report.metrics)
-                    report.progress.info(f"epoch {epoch} attention maps: {png}")
-                done = pos.global_step >= total_steps
-                every = cfg.checkpoint.every_steps
-                if end_of_epoch or done or (every and pos.global_step % every == 0):
-                    save()
-                if done:
-                    break
-                t_prev = time.perf_counter()
-            if pos.global_step == steps_before and not stopping:  # would spin forever on the same position
-                raise DataError(f"the {cfg.data.backend} loader yielded no batch for epoch {epoch} from step "
-                                f"{pos.step_in_epoch} of {steps_per_epoch}; check data.path and the loader")
-        report.flush()
+        if cfg.eval.knn_at_start and run.pos.global_step == 0:
+            run.report.log_knn(periodic_knn(cfg, run.teacher, run.device, run.rank, run.world), 0, 0, "initial",
+                               cfg.eval.knn_k)
+        while run.pos.global_step < run.total_steps and not run.stopping:
+            run.epoch()
+        run.report.flush()
     finally:
-        if batches is not None and hasattr(batches, "close"):
-            batches.close()  # shuts the loader's workers down now, not when an exception's traceback is freed
-        report.close()
+        run.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if rank == 0:
-        how = f"stopped by signal {stop['signal']}" if stop["signal"] is not None else "done"
-        report.progress.info(f"{how}: {pos.global_step} steps; checkpoint {ckpt.latest()}; "
-                             f"metrics {out_dir / cfg.logging.metrics_file}; output {out_dir.resolve()}")
+    run.goodbye()
+    return run.report.last
+
+
+class _Run:
+    """One training run: what :func:`train` builds before the first step, and the parts of its loop."""
+
+    def __init__(self, cfg: Config):
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg
+        self.rank, self.world, local_rank = init_distributed()
+        acc = get_accelerator()
+        device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device, precision = device, resolve_precision(cfg, device)
+        self.out_dir = out_dir = Path(cfg.checkpoint.output_dir)
+
+        # ---- data, models, schedules, the step
+        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=cfg.seed, device=device)
+        self.steps_per_epoch = steps_per_epoch = self.loader.steps_per_epoch
+        self.cfg = cfg = with_step_budget(cfg, steps_per_epoch)  # optim.total_steps → optim.epochs for this data
+        all_steps = cfg.optim.epochs * steps_per_epoch
+        self.total_steps = min(all_steps, cfg.optim.max_steps or all_steps)
+        engine, teacher, dino_loss, ema = build_training(cfg, device, self.world, precision)
+        self.engine, self.teacher, self.dino_loss = engine, teacher, dino_loss
+        torch.manual_seed(cfg.seed + self.rank)  # same init everywhere, per-rank drop-path noise from here on
+        np.random.seed(cfg.seed + self.rank)
+        global_batch = cfg.data.batch_size_per_gpu * self.world
+        self.schedules = Schedules(cfg, steps_per_epoch, global_batch, dino_loss.teacher_temp_schedule)
+        self.step = make_step(cfg, engine, teacher, dino_loss, ema, precision, self.schedules, self.world)
+
+        # ---- resume
+        self.ckpt = Checkpointer(out_dir, cfg.checkpoint.keep_last)
+        self.pos = TrainPosition(0, 0, 0)
+        resume_from = self.ckpt.resolve(cfg.checkpoint.resume)
+        if resume_from is not None:
+            check_resumable(resume_from, cfg, self.world, steps_per_epoch)
+            self.pos = Checkpointer.load(resume_from, engine, teacher, dino_loss)
+            if self.pos.step_in_epoch >= steps_per_epoch:  # the dataset shrank since: that epoch is done
+                self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+        self.saved_step = self.pos.global_step  # the newest step a checkpoint holds (0: none yet, nothing to keep)
+
+        self.report = _Reporter(cfg, self.rank, self.total_steps, out_dir, global_batch, steps_per_epoch,
+                                self.pos.global_step)
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")
+            self.report.progress.info(_startup_line(cfg, self.world, device, acc, precision, dino_loss, ema,
+                                                    steps_per_epoch, global_batch, out_dir, resume_from))
+        self.stop: dict = {"signal": None}
+        self.stopping = False
+        self.nan_at, self.batches = _inject_nan_at(), None
+
+    def save(self) -> None:
+        """Checkpoint, never a non-finite state: the newest step's metrics and the weights are checked first."""
+        self.report.flush()
+        finite = state_is_finite(self.engine.module, self.teacher, extra=(self.dino_loss.center,))
+        if self.report.bad is None and not finite:
+            self.report.bad = f"the weights after step {self.pos.global_step} are not finite (its loss was)"
+        if any_rank(self.report.bad is not None)[0]:
+            raise _non_finite_error(self.report.bad, self.ckpt)
+        self.ckpt.save(self.engine, self.teacher, self.dino_loss, self.pos, self.cfg, self.steps_per_epoch)
+        self.saved_step = self.pos.global_step
+
+    def epoch(self) -> None:
+        """Steps from the current position to the end of its epoch, a stop, or the last step."""
+        pos, epoch = self.pos, self.pos.epoch
+        self.loader.set_epoch(epoch, pos.step_in_epoch)
+        self.engine.train()
+        self.batches = iter(self.loader)
+        steps_before, t_prev = pos.global_step, time.perf_counter()
+        for batch in self._agreed_batches():
+            t_data = time.perf_counter()
+            # ---- the step: queued on the device, nothing here waits for it
+            crops = [c.to(self.device, non_blocking=True) for c in batch.crops]
+            if self.nan_at == pos.global_step + 1:
+                crops[0] = torch.full_like(crops[0], float("nan"))
+            values = self.schedules.at(epoch * self.steps_per_epoch + pos.step_in_epoch, epoch)
+            step_metrics = self.step(crops, values)
+            pos.step_in_epoch += 1
+            pos.global_step += 1
+            if pos.step_in_epoch == self.steps_per_epoch:
+                pos.epoch, pos.step_in_epoch = epoch + 1, 0
+            # ---- log the previous step (read now, while this one runs)
+            self.report.push(pos, epoch, values, step_metrics, t_prev, t_data)
+            if self.stop["signal"] is not None and self.rank == 0:
+                self.report.progress.info(
+                    f"signal {self.stop['signal']}: stopping after step {pos.global_step} with a checkpoint"
+                    + (" (Ctrl-C again quits at once, without it)" if self.stop["signal"] == signal.SIGINT else ""))
+            # ---- periodic k-NN and attention maps, then checkpoint
+            if self._after_step(epoch):
+                break
+            t_prev = time.perf_counter()
+        if pos.global_step == steps_before and not self.stopping:  # would spin forever on the same position
+            raise DataError(f"the {self.cfg.data.backend} loader yielded no batch for epoch {epoch} from step "
+                            f"{pos.step_in_epoch} of {self.steps_per_epoch}; check data.path and the loader")
+
+    def _agreed_batches(self):
+        """This epoch's batches, each once all ranks agreed to go on: a signal, a failed loader or a non-finite step
+        on any rank stops every rank here, between steps, where the state is whole (and checkpointed)."""
+        while True:
+            try:
+                batch, failure = next(self.batches), None
+            except StopIteration:
+                return
+            except Exception as exc:  # a worker died or raised (e.g. the OOM killer); the last step is whole
+                batch, failure = None, exc
+            # A worker that died with a stop signal (SLURM and launchers signal the whole process tree) is part of
+            # that stop, not a failure.
+            signalled = self.stop["signal"] is not None
+            self.stopping, failed, bad = any_rank(signalled, failure is not None and not signalled,
+                                                  self.report.bad is not None)
+            if bad:
+                raise _non_finite_error(self.report.bad, self.ckpt)
+            if self.stopping or failed:
+                if self.pos.global_step > self.saved_step:
+                    self.save()
+                if failed:
+                    raise _loader_error(failure, self.ckpt, self.pos.global_step + 1) from None
+                return
+            yield batch
+
+    def _after_step(self, epoch: int) -> bool:
+        """k-NN and attention maps at the epochs asked for, then a checkpoint when due; True after the last step."""
+        cfg, pos = self.cfg, self.pos
+        end_of_epoch = pos.step_in_epoch == 0
+        done = pos.global_step >= self.total_steps
+        knn_due = ((end_of_epoch and cfg.eval.knn_every_epochs and (epoch + 1) % cfg.eval.knn_every_epochs == 0)
+                   or (done and cfg.eval.knn_at_end))
+        if knn_due:
+            self.report.flush()
+        if knn_due and self.report.bad is None:  # (a non-finite step stops at the checkpoint below)
+            self.report.log_knn(periodic_knn(cfg, self.teacher, self.device, self.rank, self.world), pos.global_step,
+                                epoch, f"epoch {epoch}", cfg.eval.knn_k)
+        every_attn = cfg.eval.attention_every_epochs
+        if end_of_epoch and every_attn and (epoch + 1) % every_attn == 0 and self.rank == 0:
+            png = periodic_attention(cfg, self.teacher, self.out_dir, pos.global_step, self.device,
+                                     self.report.metrics)
+            self.report.progress.info(f"epoch {epoch} attention maps: {png}")
+        every = cfg.checkpoint.every_steps
+        if end_of_epoch or done or (every and pos.global_step % every == 0):
+            self.save()
+        return done
+
+    def close(self) -> None:
+        if self.batches is not None and hasattr(self.batches, "close"):
+            self.batches.close()  # shuts the loader's workers down now, not when an exception's traceback is freed
+        self.report.close()
+
+    def goodbye(self) -> None:
+        """Rank 0: where everything went, then the run's summary (k-NN before → after, loss against ln K)."""
+        if self.rank != 0:
+            return
+        cfg, sig = self.cfg, self.stop["signal"]
+        how = f"stopped by signal {sig}" if sig is not None else "done"
+        metrics = self.out_dir / cfg.logging.metrics_file
+        self.report.progress.info(f"{how}: {self.pos.global_step} steps; checkpoint {self.ckpt.latest()}; "
+                                  f"metrics {metrics}; output {self.out_dir.resolve()}")
         if cfg.logging.summary:
-            for line in summarise_run(out_dir / cfg.logging.metrics_file, cfg.model.out_dim):
-                report.progress.info(line)
-    return report.last
+            for line in summarise_run(metrics, cfg.model.out_dim):
+                self.report.progress.info(line)
 
 
 def _stop_handler(stop: dict):
