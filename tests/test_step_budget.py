@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from dino_fast.config import ConfigError, load_config, with_step_budget
 from dino_fast.train import train
+
+DEMO = Path(__file__).resolve().parents[1] / "dino_fast" / "configs" / "demo.yaml"
 
 
 @pytest.mark.parametrize(("images", "batch", "epochs"), [(2400, 32, 4), (1437, 32, 7), (500, 32, 20), (9000, 32, 1)])
@@ -27,6 +30,13 @@ def test_no_budget_keeps_the_epochs_and_a_budget_under_half_an_epoch_says_what_t
         with_step_budget(load_config(None, ["optim.total_steps=300"]), 100)  # the default 10 warm-up epochs
     with pytest.raises(ConfigError, match=r"optim.total_steps=300 is less than half an epoch .*optim.max_steps=300"):
         with_step_budget(load_config(None, ["optim.total_steps=300"]), 1000)
+
+
+def test_epochs_on_the_command_line_of_a_budget_recipe_is_an_error_that_says_what_to_add():
+    with pytest.raises(ConfigError, match="add optim.total_steps=0 to train optim.epochs epochs"):
+        load_config(DEMO, ["optim.epochs=2"])
+    assert load_config(DEMO, ["optim.epochs=2", "optim.total_steps=0"]).optim.epochs == 2
+    assert load_config(DEMO, ["optim.total_steps=100"]).optim.total_steps == 100
 
 
 def test_a_run_with_a_budget_trains_that_many_steps_and_measures_the_end(tiny_overrides, tmp_path):
