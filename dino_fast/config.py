@@ -270,7 +270,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if "optim.epochs" in keys and "optim.total_steps" not in keys and budget_before > 0:
         # A recipe with a step budget (the demo) would silently ignore the epochs asked for on the command line.
         raise ConfigError(f"optim.epochs is given but the recipe sets optim.total_steps={budget_before}, which decides "
-                          f"the epochs: add optim.total_steps=0 to train optim.epochs epochs (or set optim.total_steps)")
+                          "the epochs: add optim.total_steps=0 to train optim.epochs epochs (or set optim.total_steps)")
     validate(cfg)
     return cfg
 

@@ -11,6 +11,9 @@ previous step → checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import math
 import os
 import signal
@@ -57,18 +60,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def _quiet_cpu_startup() -> None:
+    """Keep three lines a CPU run cannot act on out of the output: DeepSpeed's "Setting accelerator to CPU ... unable
+    to detect it" (its logger is created on import, so the filter goes on first), torch's "No CUDA runtime is found"
+    and the "built successfully" print of DeepSpeed's shared-memory op (in :func:`init_distributed`)."""
+    if torch.cuda.is_available():
+        return
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU", "Setting ds_accelerator"))
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_DropMessages("No CUDA runtime is found"))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed with the accelerator's backend; (rank, world, local_rank).
 
     Without a launcher the env variables of a one-process group are filled in, so the same code path runs.
     """
+    _quiet_cpu_startup()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    backend = get_accelerator().communication_backend_name()
+    if torch.cuda.is_available():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:  # CPU: DeepSpeed builds (or loads) its shared-memory op and prints that it did, on every start
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except BaseException:
+            sys.stderr.write(out.getvalue())  # what the build said belongs with its error
+            raise
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -254,10 +287,10 @@ class _Run:
     """One training run: what :func:`train` builds before the first step, and the parts of its loop."""
 
     def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world, local_rank = init_distributed()  # (imports DeepSpeed: first, see _quiet_cpu_startup)
         from deepspeed.accelerator import get_accelerator
 
-        self.cfg = cfg
-        self.rank, self.world, local_rank = init_distributed()
         acc = get_accelerator()
         device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
         if device.type == "cuda":
