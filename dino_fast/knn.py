@@ -31,9 +31,9 @@ from torchvision import transforms
 from dino_fast.checkpoint import CheckpointError
 from dino_fast.export import read_checkpoint, split_state_dict
 from dino_fast.models import build_backbone
-from dino_fast.progress import Progress
 from dino_fast.weights import add_source_args, load_source
 from pipelines.folder import DataError, ImageList, list_images
+from pipelines.progress import Progress
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.workers import ignore_interrupts
 

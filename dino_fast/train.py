@@ -36,7 +36,7 @@ from dino_fast.health import CollapseDetector
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
 from dino_fast.optim import param_groups
-from dino_fast.progress import Progress, format_step
+from dino_fast.progress import format_step
 from dino_fast.step import DINOStep, Schedules, StepMetrics, StepValues, state_is_finite
 from dino_fast.summary import summarise_run
 from dino_fast.tblog import open_metrics_log
@@ -44,6 +44,7 @@ from dino_fast.teacher import TeacherEMA
 from dino_fast.weights import init_from_pretrained
 from pipelines.build import build_loader
 from pipelines.folder import DataError
+from pipelines.progress import Progress
 
 
 class NonFiniteLossError(RuntimeError):

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dino_fast.progress import Progress
 from pipelines.folder import DataError, list_images
+from pipelines.progress import Progress
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
 

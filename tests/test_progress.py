@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from dino_fast.progress import Progress
+from pipelines.progress import Progress
 
 
 def plain(**kwargs) -> tuple[Progress, io.StringIO]:
