@@ -95,7 +95,8 @@ def markdown_table(rows: list[dict]) -> str:
                 continue
             warned = r.get("collapse_warnings_replayed", [])
             gap = r["ln_k"] - r["loss_last10"]
-            cells.append(f"**{r['knn_after']:.2f}%** ({r['knn_after'] - r['knn_before']:+.2f}); loss "
+            steps = f" in {r['steps']} steps" if r["steps"] != first["steps"] else ""
+            cells.append(f"**{r['knn_after']:.2f}%** ({r['knn_after'] - r['knn_before']:+.2f}{steps}); loss "
                          f"{r['loss_last10']:.2f} (ln K {'−' if gap >= 0 else '+'} {abs(gap):.2f}); "
                          + ("collapse warning" if warned else "no warning"))
         lines.append(f"| {name} | {first['steps']} | {first['knn_before']:.2f}% | " + " | ".join(cells) + " |")
