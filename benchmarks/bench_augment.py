@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import environment, pick_device, print_table, results_path, time_fn, write_json
+from benchmarks.common import Record, pick_device, print_table, speedup, time_fn
 from pipelines.gpu_augment import PhotometricAugment
 from pipelines.spec import MultiCropSpec
+
+NAME = "photometric augmentation"
+REFERENCE, REFERENCE_MODE = "PIL", "1 core, per image"  # the torch loader's chain, as a worker runs it
 
 
 def reference_per_image_ms(spec: MultiCropSpec, n: int = 8) -> float:
@@ -52,16 +55,20 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         g, loc = g.contiguous(), loc.contiguous()
     t = time_fn(lambda: aug(g, loc, 0, 0), device, warmup=2, iters=3 if args.quick else 10)
-    ours = args.batch / (t["median_ms"] / 1e3)
     ref_ms = reference_per_image_ms(spec, n=2 if args.quick else 8)
-    rows = [["ours (" + aug.impl + ")", ours, t["median_ms"], ours * ref_ms / 1e3],
-            ["reference PIL, 1 core", 1e3 / ref_ms, ref_ms, 1.0]]
-    payload = {"benchmark": "augment", "env": environment(device), "batch": args.batch,
-               "crops": f"2x224+{args.locals}x96", "timing": t, "img_per_s": ours,
-               "reference_ms_per_img_one_core": ref_ms, "speedup_vs_one_reference_core": ours * ref_ms / 1e3}
-    path = write_json(payload, results_path("augment", device, args.out))
-    print_table(f"photometric augmentation, 2x224+{args.locals}x96, on {payload['env']['device']}",
-                ["provider", "img/s", "ms", "× one PIL core"], rows)
+    record = Record("augment", device, args.out)
+    crops = f"2x224+{args.locals}x96"
+    # Ours times a batch, the reference one image (the mean of n): the ratio is of images per second.
+    shape, one = f"{crops} B={args.batch}", {"p20_ms": ref_ms, "p50_ms": ref_ms, "p80_ms": ref_ms}
+    record.add(NAME, REFERENCE, REFERENCE_MODE, shape, one, images=1)
+    ours = record.add(NAME, "ours", "batched on the device", shape, t, baseline=REFERENCE, baseline_mode=REFERENCE_MODE,
+                      headline=True, images=args.batch, impl=aug.impl)
+    ratio = speedup(ours, record.rows)
+    path = record.write()
+    print_table(f"photometric augmentation, {crops}, on {record.environment['device']}",
+                ["provider", "img/s", "ms", "× one PIL core"],
+                [[f"ours ({aug.impl})", args.batch / (t["p50_ms"] / 1e3), t["p50_ms"], ratio],
+                 ["reference PIL, 1 core", 1e3 / ref_ms, ref_ms, 1.0]])
     print(f"wrote {path}")
 
 

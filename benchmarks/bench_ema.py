@@ -20,14 +20,15 @@ import argparse
 import torch
 
 from benchmarks.common import (
-    copy_bandwidth,
-    environment,
+    Record,
+    add_kernel_args,
+    bandwidth_header,
+    error_text,
     peak_memory,
     pick_device,
     print_table,
-    results_path,
+    speedup,
     time_fn,
-    write_json,
 )
 from dino_fast.ops import ema as ops
 
@@ -78,23 +79,59 @@ def sweep(shapes, device: torch.device, bw: float, iters: int) -> list[dict]:
         for warps in (4, 8, 16):
             fn, _ = build_update("ours-flat", teacher, student, 0.996, block, warps)
             t = time_fn(fn, device, 3, iters)
-            gbs = n * 10 / (t["median_ms"] * 1e-3) / 1e9
-            rows.append({"block": block, "num_warps": warps, "median_ms": t["median_ms"], "gb_s": gbs,
+            gbs = n * 10 / (t["p50_ms"] * 1e-3) / 1e9
+            rows.append({"block": block, "num_warps": warps, "p50_ms": t["p50_ms"], "gb_s": gbs,
                          "pct_of_copy_bw": 100 * gbs / bw})
     print_table("FlatEMA launch-config sweep (bf16 student, last param set)",
                 ["block", "warps", "ms", "GB/s", "% copy"],
-                [[r["block"], r["num_warps"], r["median_ms"], r["gb_s"], r["pct_of_copy_bw"]] for r in rows])
+                [[r["block"], r["num_warps"], r["p50_ms"], r["gb_s"], r["pct_of_copy_bw"]] for r in rows])
     return rows
+
+
+NAME = "teacher EMA"  # the record's rows: shape = the parameter set, mode = the student's dtype
+
+
+def run_param_set(record: Record, set_name: str, shapes, s_dtype: torch.dtype, bw: float, warmup: int,
+                  iters: int) -> None:
+    """Every provider on one parameter set and student dtype, each on fresh parameters: one row each."""
+    device = record.device
+    n = sum(s.numel() for s in shapes)
+    nbytes = n * (4 + torch.empty((), dtype=s_dtype).element_size() + 4)
+    mode = f"{str(s_dtype).replace('torch.', '')} student"
+    for name in providers(device):
+        teacher, student = make_params(shapes, s_dtype, device)
+        facts = {"params": n, "tensors": len(shapes), "bytes": nbytes}
+        baseline = None if name == "reference" else "reference"
+        try:
+            fn, launches = build_update(name, teacher, student, 0.996)
+            t = time_fn(fn, device, warmup, iters)
+            gbs = nbytes / (t["p50_ms"] * 1e-3) / 1e9
+            record.add(NAME, name, mode, set_name, t, peak_memory_bytes=peak_memory(fn, device), baseline=baseline,
+                       headline=name == "ours-flat", **facts, launches=launches if name.startswith("ours") else None,
+                       gb_s=gbs, pct_of_copy_bw=100 * gbs / bw)
+        except Exception as exc:  # recorded, the other providers still run
+            record.add(NAME, name, mode, set_name, baseline=baseline, error=error_text(exc), **facts)
+            print(f"  {name} {set_name} {mode}: {record.rows[-1]['error']}")
+        del teacher, student
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def print_results(record: Record, bw: float) -> None:
+    table = []
+    for r in record.rows:
+        x = r["extra"]
+        table.append([r["shape"], f"{x['params'] / 1e6:.1f}M", r["mode"], r["provider"], r["p50_ms"], r["p20_ms"],
+                      r["p80_ms"], x.get("gb_s"), x.get("pct_of_copy_bw"), speedup(r, record.rows, "reference"),
+                      None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20])
+    print_table(f"Teacher EMA ({record.environment['device']}; copy bandwidth {bw:.0f} GB/s, bytes = read t + read s "
+                "+ write t)", ["params", "n", "student", "provider", "median ms", "p20", "p80", "GB/s", "% copy",
+                               "× ref", "peak MiB"], table)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="ViT-S + head, fp32 student, few iterations")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--out", default=None, help="result JSON path (default: $OUT or benchmarks/results/)")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--sweep", action="store_true", help="also sweep the flat kernel's launch config (CUDA)")
+    add_kernel_args(p, "ViT-S + head, fp32 student, few iterations")
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
@@ -104,54 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
     iters = args.iters or (5 if args.quick or cpu else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick or cpu else 5)
 
-    env = environment(device)
-    bw = copy_bandwidth(device)
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  copy bandwidth {bw:.1f} GB/s")
-    results, table = [], []
+    record = Record("teacher_ema", device, args.out, stem="bench_ema", iters=iters, warmup=warmup,
+                    launch_config={"block": ops.BLOCK, "num_warps": ops.NUM_WARPS})
+    bw = record.meta["copy_bandwidth_gbs"] = bandwidth_header(record)
     shapes_by_set = {name: param_shapes(PARAM_SETS[name]) for name in sets}
     for set_name in sets:
-        shapes = shapes_by_set[set_name]
-        n = sum(s.numel() for s in shapes)
         for s_dtype in dtypes:
-            s_item = torch.empty((), dtype=s_dtype).element_size()
-            nbytes = n * (4 + s_item + 4)
-            base = None
-            for name in providers(device):
-                teacher, student = make_params(shapes, s_dtype, device)
-                row = {"param_set": set_name, "params": n, "tensors": len(shapes), "student_dtype":
-                       str(s_dtype).replace("torch.", ""), "provider": name, "bytes": nbytes}
-                try:
-                    fn, launches = build_update(name, teacher, student, 0.996)
-                    row["timing"] = time_fn(fn, device, warmup, iters)
-                    row["launches"] = launches if name.startswith("ours") else None
-                    row["peak_memory_bytes"] = peak_memory(fn, device)
-                    row["gb_s"] = nbytes / (row["timing"]["median_ms"] * 1e-3) / 1e9
-                    row["pct_of_copy_bw"] = 100 * row["gb_s"] / bw
-                    if name == "reference":
-                        base = row["timing"]["median_ms"]
-                    row["speedup_vs_reference"] = base / row["timing"]["median_ms"] if base else None
-                except Exception as exc:  # recorded, the other providers still run
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                    print(f"  {name} {set_name} {row['student_dtype']}: {row['error']}")
-                results.append(row)
-                t = row.get("timing", {})
-                table.append([set_name, f"{n / 1e6:.1f}M", row["student_dtype"], name, t.get("median_ms"),
-                              t.get("p20_ms"), t.get("p80_ms"), row.get("gb_s"), row.get("pct_of_copy_bw"),
-                              row.get("speedup_vs_reference"),
-                              None if row.get("peak_memory_bytes") is None else row["peak_memory_bytes"] / 2**20])
-                del teacher, student
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    print_table(f"Teacher EMA ({env['device']}; copy bandwidth {bw:.0f} GB/s, bytes = read t + read s + write t)",
-                ["params", "n", "student", "provider", "median ms", "p20", "p80", "GB/s", "% copy", "× ref",
-                 "peak MiB"], table)
-    payload = {"benchmark": "teacher_ema", "environment": env, "copy_bandwidth_gbs": bw, "iters": iters,
-               "warmup": warmup, "results": results, "launch_config": {"block": ops.BLOCK, "num_warps": ops.NUM_WARPS}}
+            run_param_set(record, set_name, shapes_by_set[set_name], s_dtype, bw, warmup, iters)
+    print_results(record, bw)
     if args.sweep and device.type == "cuda":
-        payload["sweep"] = sweep(shapes_by_set[sets[-1]], device, bw, iters)
-    path = write_json(payload, results_path("bench_ema", device, args.out))
-    print(f"wrote {path}")
-    return payload
+        record.meta["sweep"] = sweep(shapes_by_set[sets[-1]], device, bw, iters)
+    print(f"wrote {record.write()}")
+    return record.payload()
 
 
 if __name__ == "__main__":

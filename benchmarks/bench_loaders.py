@@ -13,9 +13,11 @@ rest give img/s; the table shows the median over rounds, the spread (min–max),
 and CPU-ms per image (this process's and its workers' CPU time over the epoch: the cost on a machine without idle
 cores). Batches are moved to ``--device`` as the trainer does. Images: ImageNet-like JPEGs (``loader_images.py``,
 ``--image-size``, default 500×375), generated once into ``$DINO_FAST_BENCH_DIR`` (default ``data/bench_images``).
+Rows of the record (``benchmarks/common.py``): one per backend and config, p20/p50/p80 = the time of a batch at the
+rounds' img/s (p50 at their median img/s), baseline torch.
 
-Run from the repo root: ``python -m benchmarks.bench_loaders --quick`` (CPU sanity: ~3 minutes on 2 cores, most
-of it FFCV's one-off conversion and JIT) or e.g.
+Run from the repo root: ``python -m benchmarks.bench_loaders --quick`` (CPU sanity; most of its time is FFCV's
+one-off conversion and JIT) or e.g.
 ``python -m benchmarks.bench_loaders --device cuda --images 4096 --workers 16 --batch-size 64``.
 Writes ``benchmarks/results/loaders_<device-slug>.json`` (or into ``$OUT``).
 """
@@ -30,16 +32,16 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from benchmarks.common import environment, pick_device, print_table, results_path, write_json
+from benchmarks.common import Record, error_text, pick_device, print_table, speedup, summarize
 from benchmarks.loader_images import ensure_benchmark_images
 from dino_fast.config import DataConfig
 from pipelines.folder import DataError, list_images
 
 CONFIGS = {"2x224+8x96": 8, "2x224+10x96": 10}
+NAME = "loader"  # the record's rows: shape = crops and batch, mode = the workers; p50 = a batch at the median img/s
 BACKENDS = ("torch", "dali", "ffcv")
 
 
@@ -71,7 +73,7 @@ def build(provider: str, cfg: DataConfig, images, device: torch.device, image_di
             cfg = replace(cfg, ffcv_path=path)
         return build_loader(replace(cfg, backend=backend), device=device, images=images)
     except Exception as exc:  # an uninstalled or unfinished backend must not stop the other measurements
-        return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"unavailable: {error_text(exc, 2000)}"
 
 
 def time_epoch(loader, epoch: int, warmup: int, device: torch.device) -> tuple[float, float]:
@@ -92,7 +94,8 @@ def time_epoch(loader, epoch: int, warmup: int, device: torch.device) -> tuple[f
     return n_timed / seconds, (cpu_seconds() - cpu0) * 1e3 / n
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The CLI, with the defaults --quick changes resolved and the sizes parsed; exits 2 on a bad value."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sanity run: 256 images, 2 rounds")
     p.add_argument("--images", type=int, default=0, help="benchmark images (default 2048, --quick 256)")
@@ -108,84 +111,101 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated longest sides the ffcv provider stores its .beton at (one provider each)")
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/loaders_<device>.json)")
     args = p.parse_args(argv)
-    n_images = args.images or (256 if args.quick else 2048)
-    batch_size = args.batch_size or (32 if args.quick else 64)
-    rounds = args.rounds or (2 if args.quick else 5)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [b for b in backends if b not in BACKENDS] + [c for c in configs if c not in CONFIGS]
+    args.images = args.images or (256 if args.quick else 2048)
+    args.batch_size = args.batch_size or (32 if args.quick else 64)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [b for b in args.backends if b not in BACKENDS] + [c for c in args.configs if c not in CONFIGS]
     if bad:
-        print(f"error: unknown backend or config {', '.join(bad)} (backends: {', '.join(BACKENDS)}; configs: "
-              f"{', '.join(CONFIGS)})", file=sys.stderr)
-        return 2
-    if "torch" not in backends:
-        print("error: --backends must include torch, the baseline the others are compared with", file=sys.stderr)
-        return 2
+        _usage(f"unknown backend or config {', '.join(bad)} (backends: {', '.join(BACKENDS)}; configs: "
+               f"{', '.join(CONFIGS)})")
+    if "torch" not in args.backends:
+        _usage("--backends must include torch, the baseline the others are compared with")
     try:
-        width, height = (int(v) for v in args.image_size.lower().split("x"))
-        resolutions = [int(r) for r in args.ffcv_resolutions.split(",") if r.strip()]
+        args.width, args.height = (int(v) for v in args.image_size.lower().split("x"))
+        args.resolutions = [int(r) for r in args.ffcv_resolutions.split(",") if r.strip()]
     except ValueError:
-        print(f"error: --image-size {args.image_size!r} must be WIDTHxHEIGHT and --ffcv-resolutions "
-              f"{args.ffcv_resolutions!r} integers, e.g. --image-size 512x384 --ffcv-resolutions 256,384,512",
-              file=sys.stderr)
-        return 2
-    if n_images // batch_size <= args.warmup:
-        print(f"error: {n_images} images give no timed batch at batch size {batch_size} after "
-              f"{args.warmup} warm-up batches: raise --images", file=sys.stderr)
-        return 2
-    device = pick_device(args.device)
-    image_dir = ensure_benchmark_images(n_images, width=width, height=height)
-    images = list_images(image_dir)
-    print(f"{n_images} images in {image_dir}, batch {batch_size}, {args.workers} workers, device {device}, "
-          f"{rounds} rounds", flush=True)
-    providers = [p for b in backends for p in ([f"ffcv@{r}" for r in resolutions] if b == "ffcv" else [b])]
+        _usage(f"--image-size {args.image_size!r} must be WIDTHxHEIGHT and --ffcv-resolutions "
+               f"{args.ffcv_resolutions!r} integers, e.g. --image-size 512x384 --ffcv-resolutions 256,384,512")
+    if args.images // args.batch_size <= args.warmup:
+        _usage(f"{args.images} images give no timed batch at batch size {args.batch_size} after "
+               f"{args.warmup} warm-up batches: raise --images")
+    return args
 
-    results: list[dict[str, Any]] = []
-    for config in configs:
-        cfg = DataConfig(path=str(image_dir), batch_size_per_gpu=batch_size, num_workers=args.workers,
+
+def _usage(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_rounds(loaders: dict, rounds: int, warmup: int, device: torch.device, config: str) -> tuple[dict, dict]:
+    """Round 0 warms up caches, JIT and worker start-up (not recorded); then ``rounds`` epochs of every provider in
+    turn. Returns the img/s and the CPU-ms per image of each round, per provider; a provider that breaks mid-epoch
+    is replaced by its reason in ``loaders``."""
+    speeds: dict[str, list[float]] = {b: [] for b in loaders}
+    cpu_ms: dict[str, list[float]] = {b: [] for b in loaders}
+    for r in range(rounds + 1):
+        for b, loader in loaders.items():
+            if isinstance(loader, str):
+                continue
+            try:
+                speed, cost = time_epoch(loader, r, warmup, device)
+            except Exception as exc:  # a backend that breaks mid-epoch is reported, the others still run
+                loaders[b] = f"failed: {error_text(exc, 2000)}"
+                print(f"{config}: {b} {loaders[b]}", flush=True)
+                continue
+            if r > 0:
+                speeds[b].append(speed)
+                cpu_ms[b].append(cost)
+        print(f"{config} round {r}: " + ", ".join(f"{b} {v[-1]:.1f} img/s" for b, v in speeds.items() if v),
+              flush=True)
+    return speeds, cpu_ms
+
+
+def add_rows(record: Record, config: str, batch_size: int, workers: int, loaders: dict, speeds: dict,
+             cpu_ms: dict) -> None:
+    """One row per provider: per-batch times of the rounds (p50 from the median img/s), against torch."""
+    for b, loader in loaders.items():
+        args = (NAME, b, f"{workers} workers", f"{config} B={batch_size}")
+        baseline = None if b == "torch" else "torch"
+        if isinstance(loader, str):
+            record.add(*args, baseline=baseline, error=loader, images=batch_size)
+            continue
+        med = statistics.median(speeds[b])
+        timing = {**summarize([1e3 * batch_size / v for v in speeds[b]]), "p50_ms": 1e3 * batch_size / med}
+        record.add(*args, timing, baseline=baseline, headline=b != "torch", images=batch_size, img_per_s=med,
+                   img_per_s_min=min(speeds[b]), img_per_s_max=max(speeds[b]), rounds=speeds[b],
+                   cpu_ms_per_img=statistics.median(cpu_ms[b]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    image_dir = ensure_benchmark_images(args.images, width=args.width, height=args.height)
+    images = list_images(image_dir)
+    print(f"{args.images} images in {image_dir}, batch {args.batch_size}, {args.workers} workers, device {device}, "
+          f"{args.rounds} rounds", flush=True)
+    providers = [p for b in args.backends for p in ([f"ffcv@{r}" for r in args.resolutions] if b == "ffcv" else [b])]
+    record = Record("loaders", device, args.out, cpu_count=os.cpu_count(), settings={
+        "images": args.images, "batch_size": args.batch_size, "workers": args.workers, "rounds": args.rounds,
+        "warmup_batches": args.warmup, "image_size": f"{args.width}x{args.height} JPEG q90",
+        "ffcv_resolutions": args.resolutions})
+    for config in args.configs:
+        cfg = DataConfig(path=str(image_dir), batch_size_per_gpu=args.batch_size, num_workers=args.workers,
                          local_crops_number=CONFIGS[config])
         loaders = {b: build(b, cfg, images, device, image_dir) for b in providers}
-        speeds: dict[str, list[float]] = {b: [] for b in providers}
-        cpu_ms: dict[str, list[float]] = {b: [] for b in providers}
-        for r in range(rounds + 1):  # round 0 warms up caches, JIT and worker start-up: not recorded
-            for b, loader in loaders.items():
-                if isinstance(loader, str):
-                    continue
-                try:
-                    speed, cost = time_epoch(loader, r, args.warmup, device)
-                except Exception as exc:  # a backend that breaks mid-epoch is reported, the others still run
-                    loaders[b] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    print(f"{config}: {b} {loaders[b]}", flush=True)
-                    continue
-                if r > 0:
-                    speeds[b].append(speed)
-                    cpu_ms[b].append(cost)
-            print(f"{config} round {r}: " + ", ".join(f"{b} {v[-1]:.1f} img/s" for b, v in speeds.items() if v),
-                  flush=True)
-        base = statistics.median(speeds["torch"]) if speeds["torch"] else None
-        for b, loader in loaders.items():
-            row: dict[str, Any] = {"config": config, "backend": b}
-            if isinstance(loader, str):
-                row["status"] = loader
-            else:
-                med = statistics.median(speeds[b])
-                row.update(status="ok", img_per_s=med, img_per_s_min=min(speeds[b]), img_per_s_max=max(speeds[b]),
-                           rounds=speeds[b], cpu_ms_per_img=statistics.median(cpu_ms[b]),
-                           vs_torch=med / base if base else None)
-            results.append(row)
+        speeds, cpu_ms = run_rounds(loaders, args.rounds, args.warmup, device, config)
+        add_rows(record, config, args.batch_size, args.workers, loaders, speeds, cpu_ms)
         del loaders
 
-    rows = [[r["config"], r["backend"], r["status"]] + ([r["img_per_s"], f"{r['img_per_s_min']:.1f}–"
-            f"{r['img_per_s_max']:.1f}", r["vs_torch"], r["cpu_ms_per_img"]] if r["status"] == "ok" else [None] * 4)
-            for r in results]
-    print_table(f"multi-crop loaders on {device} ({args.workers} workers, batch {batch_size})",
+    rows = [[r["shape"].split(" ")[0], r["provider"], r["error"] or "ok"] + ([
+        r["extra"]["img_per_s"], f"{r['extra']['img_per_s_min']:.1f}–{r['extra']['img_per_s_max']:.1f}",
+        speedup(r, record.rows, "torch"), r["extra"]["cpu_ms_per_img"]] if r["error"] is None else [None] * 4)
+        for r in record.rows]
+    print_table(f"multi-crop loaders on {device} ({args.workers} workers, batch {args.batch_size})",
                 ["config", "backend", "status", "img/s (median)", "min–max", "× torch", "CPU-ms/img"], rows)
-    payload = {"benchmark": "loaders", "env": environment(device), "cpu_count": os.cpu_count(),
-               "settings": {"images": n_images, "batch_size": batch_size, "workers": args.workers, "rounds": rounds,
-                            "warmup_batches": args.warmup, "image_size": f"{width}x{height} JPEG q90",
-                            "ffcv_resolutions": resolutions},
-               "results": results}
-    print(f"wrote {write_json(payload, results_path('loaders', device, args.out))}")
+    print(f"wrote {record.write()}")
     return 0
 
 

@@ -27,15 +27,18 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import (
+    Record,
+    add_kernel_args,
+    bandwidth_header,
     copy_bandwidth,
-    environment,
+    error_text,
+    find_row,
     fmt,
     peak_memory,
     pick_device,
     print_table,
-    results_path,
+    speedup,
     time_fn,
-    write_json,
 )
 from benchmarks.reference import reference_dino_loss
 from dino_fast.ops import dino_loss as ops
@@ -136,14 +139,14 @@ def sweep(device: torch.device, iters: int) -> dict:
     for cfg in [(1024, 16, 4), (2048, 16, 4), (2048, 16, 8), (4096, 16, 8), (2048, 4, 4), (4096, 4, 8), (4096, 32, 8)]:
         t = time_fn(lambda cfg=cfg: ops.teacher_targets_and_colsum(teacher, center, TEACHER_TEMP, cfg), device, 3,
                     iters)
-        teacher_rows.append({"config": cfg, "ms": t["median_ms"],
-                             "pct_of_copy_bw": 100 * t_bytes / 1e9 / bw / (t["median_ms"] * 1e-3)})
+        teacher_rows.append({"config": cfg, "ms": t["p50_ms"],
+                             "pct_of_copy_bw": 100 * t_bytes / 1e9 / bw / (t["p50_ms"] * 1e-3)})
     targets, _ = ops.teacher_targets_and_colsum(teacher, center, TEACHER_TEMP, (4096, 16, 8))
     for cfg in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]:
         t = time_fn(lambda cfg=cfg: ops.student_loss_and_grad(student, targets, STUDENT_TEMP, ncrops, True, cfg),
                     device, 3, iters)
-        student_rows.append({"config": cfg, "ms": t["median_ms"],
-                             "pct_of_copy_bw": 100 * s_bytes / 1e9 / bw / (t["median_ms"] * 1e-3)})
+        student_rows.append({"config": cfg, "ms": t["p50_ms"],
+                             "pct_of_copy_bw": 100 * s_bytes / 1e9 / bw / (t["p50_ms"] * 1e-3)})
     print_table(f"Launch-config sweep (B={b}, {ncrops} crops, K={K}, bf16; copy {bw:.0f} GB/s)",
                 ["kernel", "config", "ms", "% copy bw (bytes it must move)"],
                 [["teacher", str(r["config"]), r["ms"], r["pct_of_copy_bw"]] for r in teacher_rows]
@@ -151,20 +154,78 @@ def sweep(device: torch.device, iters: int) -> dict:
     return {"teacher": teacher_rows, "student": student_rows}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="B=32, 2+8 crops, fp32, few iterations (CPU / CI sanity)")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--out", default=None, help="result JSON path (default: $OUT or benchmarks/results/)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
-    p.add_argument("--warmup", type=int, default=None)
+    add_kernel_args(p, "B=32, 2+8 crops, fp32, few iterations (CPU / CI sanity)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-budget-s", type=float, default=40.0,
                    help="skip the compile provider for the remaining configurations once its compiles took this long")
-    p.add_argument("--sweep", action="store_true", help="also sweep the Triton launch configs (CUDA)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+NAME = "DINO loss"  # the record's rows: modes forward, backward, fwd+bwd; baseline the reference pair loop
+
+
+def loss_shape(b: int, ncrops: int, dtype: torch.dtype) -> str:
+    return f"B={b} {ncrops} crops K={K} {str(dtype).replace('torch.', '')}"
+
+
+def run_config(record: Record, inputs, b: int, ncrops: int, dtype: torch.dtype, floor_ms: float, use_compile: bool,
+               warmup: int, iters: int) -> float:
+    """Every provider at one configuration: forward, backward and fwd+bwd rows (or one error row) against the
+    reference. Returns the seconds the compile provider's first call took."""
+    device, shape = record.device, loss_shape(b, ncrops, dtype)
+    compile_s = 0.0
+    for name, fn in providers(device, ncrops, use_compile).items():
+        baseline = None if name == "reference" else "reference"
+        try:
+            res = bench_provider(fn, inputs, dtype, device, warmup, iters)
+        except Exception as exc:  # a provider that fails (compile, OOM) is recorded, the rest still run
+            record.add(NAME, name, "fwd+bwd", shape, baseline=baseline, error=error_text(exc), floor_ms=floor_ms)
+            print(f"  {name} {shape}: {record.rows[-1]['error']}")
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for mode in ("forward", "backward"):
+            record.add(NAME, name, mode, shape, res[mode], baseline=baseline)
+        record.add(NAME, name, "fwd+bwd", shape, res["full"], peak_memory_bytes=res["peak_memory_bytes"],
+                   baseline=baseline, headline=name == "ours", first_call_s=res["first_call_s"], loss=res["loss"],
+                   floor_ms=floor_ms, pct_of_floor=100 * floor_ms / res["full"]["p50_ms"])
+        if name == "compile":
+            compile_s += res["first_call_s"]
+    return compile_s
+
+
+def add_loss_diffs(rows: list[dict]) -> None:
+    """Each fwd+bwd row's loss against the reference's at the same configuration (``extra.loss_diff_vs_reference``)."""
+    for r in rows:
+        ref = find_row(rows, NAME, r["shape"], "reference", "fwd+bwd")
+        if r["mode"] == "fwd+bwd" and r["error"] is None and ref is not None:
+            r["extra"]["loss_diff_vs_reference"] = abs(r["extra"]["loss"] - ref["extra"]["loss"])
+
+
+def print_results(record: Record, bw: float) -> None:
+    """One line per provider and configuration: fwd+bwd with its forward and backward times."""
+    table = []
+    for r in (r for r in record.rows if r["mode"] == "fwd+bwd"):
+        x, t = r["extra"], [r["provider"], r["shape"]]
+        if r["error"] is None:
+            fwd, bwd = (find_row(record.rows, NAME, r["shape"], r["provider"], m) for m in ("forward", "backward"))
+            t += [fwd["p50_ms"], bwd["p50_ms"], f"{fmt(r['p50_ms'])} [{fmt(r['p20_ms'])}-{fmt(r['p80_ms'])}]",
+                  speedup(r, record.rows, "reference"), x["pct_of_floor"],
+                  None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20, x["first_call_s"], ""]
+        else:
+            t += [None] * 7 + [r["error"][:70]]
+        table.append(t)
+    print_table(f"DINO loss, K={K} ({record.environment['device']}; floor = bytes at {bw:.0f} GB/s copy bandwidth)",
+                ["provider", "shape", "fwd ms", "bwd ms", "full ms [p20-p80]", "× ref", "% floor", "peak MiB",
+                 "1st call s", "note"], table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     device = pick_device(args.device)
     cpu = device.type == "cpu"
     warnings.filterwarnings("ignore", message=".*[Oo]nline softmax is disabled.*")  # inductor's note, per compile
@@ -178,66 +239,28 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick or cpu else 3)
     with_compile = args.compile if args.compile is not None else not (args.quick or cpu)
 
-    env = environment(device)
-    bw = copy_bandwidth(device)
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  copy bandwidth {bw:.1f} GB/s")
-    out_path = results_path("bench_loss", device, args.out)
-    results = []
+    record = Record("dino_loss", device, args.out, stem="bench_loss", iters=iters, warmup=warmup,
+                    teacher_temp=TEACHER_TEMP, student_temp=STUDENT_TEMP)
+    bw = record.meta["copy_bandwidth_gbs"] = bandwidth_header(record)
     compile_spent = 0.0
     for b, ncrops, dtype in configs:
         inputs = make_inputs(b, ncrops, K, dtype, device)
         floor_ms = floor_bytes(b, ncrops, K, dtype) / (bw * 1e9) * 1e3
         use_compile = with_compile and compile_spent < args.compile_budget_s
-        for name, fn in providers(device, ncrops, use_compile).items():
-            row = {"provider": name, "B": b, "ncrops": ncrops, "K": K, "dtype": str(dtype).replace("torch.", ""),
-                   "floor_ms": floor_ms}
-            try:
-                row.update(bench_provider(fn, inputs, dtype, device, warmup, iters))
-                row["pct_of_floor"] = 100 * floor_ms / row["full"]["median_ms"]
-            except Exception as exc:  # a provider that fails (compile, OOM) is recorded, the rest still run
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                print(f"  {name} B={b} ncrops={ncrops} {row['dtype']}: {row['error']}")
-            if name == "compile":
-                compile_spent += row.get("first_call_s", 0.0)
-            results.append(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        compile_spent += run_config(record, inputs, b, ncrops, dtype, floor_ms, use_compile, warmup, iters)
         if with_compile and not use_compile:
-            results.append({"provider": "compile", "B": b, "ncrops": ncrops, "K": K,
-                            "dtype": str(dtype).replace("torch.", ""),
-                            "error": f"skipped: compile budget of {args.compile_budget_s:.0f} s spent"})
+            record.add(NAME, "compile", "fwd+bwd", loss_shape(b, ncrops, dtype), baseline="reference",
+                       error=f"skipped: compile budget of {args.compile_budget_s:.0f} s spent")
         del inputs
-        # Partial results survive a timeout of the caller.
-        write_json({"benchmark": "dino_loss", "environment": env, "partial": True, "results": results}, out_path)
+        record.write(partial=True)  # partial results survive a timeout of the caller
 
-    # Ratios against the reference of the same configuration.
-    ref = {(r["B"], r["ncrops"], r["dtype"]): r for r in results if r["provider"] == "reference" and "full" in r}
-    table = []
-    for r in results:
-        base = ref.get((r["B"], r["ncrops"], r["dtype"]))
-        if "full" in r and base:
-            r["speedup_full_vs_reference"] = base["full"]["median_ms"] / r["full"]["median_ms"]
-            r["loss_diff_vs_reference"] = abs(r["loss"] - base["loss"])
-        t = [r["provider"], r["B"], f"2+{r['ncrops'] - 2}", r["dtype"]]
-        if "full" in r:
-            t += [r["forward"]["median_ms"], r["backward"]["median_ms"],
-                  f"{fmt(r['full']['median_ms'])} [{fmt(r['full']['p20_ms'])}-{fmt(r['full']['p80_ms'])}]",
-                  r.get("speedup_full_vs_reference"), r["pct_of_floor"],
-                  None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20, r["first_call_s"], ""]
-        else:
-            t += [None] * 7 + [r.get("error", "")[:70]]
-        table.append(t)
-    print_table(f"DINO loss, K={K} ({env['device']}; floor = bytes at {bw:.0f} GB/s copy bandwidth)",
-                ["provider", "B", "crops", "dtype", "fwd ms", "bwd ms", "full ms [p20-p80]", "× ref",
-                 "% floor", "peak MiB", "1st call s", "note"], table)
-    payload = {"benchmark": "dino_loss", "environment": env, "copy_bandwidth_gbs": bw, "iters": iters,
-               "warmup": warmup, "teacher_temp": TEACHER_TEMP, "student_temp": STUDENT_TEMP, "results": results,
-               "launch_config": {"teacher": ops.TEACHER_CONFIG, "student": ops.STUDENT_CONFIG}}
+    add_loss_diffs(record.rows)
+    print_results(record, bw)
+    record.meta.update(partial=False, launch_config={"teacher": ops.TEACHER_CONFIG, "student": ops.STUDENT_CONFIG})
     if args.sweep and device.type == "cuda":
-        payload["sweep"] = sweep(device, iters)
-    path = write_json(payload, out_path)
-    print(f"wrote {path}")
-    return payload
+        record.meta["sweep"] = sweep(device, iters)
+    print(f"wrote {record.write()}")
+    return record.payload()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ median over the profiled steps (``mean`` where it says so):
   CPU tensors; ``.tolist()`` of a CPU tensor calls no op, so ours' health sync shows none on CPU).
 - top 15 device kernels by total time (CUDA) and top 15 aten ops by self host time.
 
-``--host-floor also`` (or ``only``) adds a pass (``"pass": "host_floor"`` in the results) over the arch's op graph
+``--host-floor also`` (or ``only``) adds a pass (rows of mode ``host_floor`` in the record) over the arch's op graph
 with next to no arithmetic (backbones 48 wide, same depth and heads, B=1, 32/16 px crops, K=1024): its step time is
 what the host alone costs (Python, the dispatcher, launches). Beside the measured step's time on the same machine
 it says how much CUDA graphs or fewer launches could win.
@@ -48,20 +48,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-from benchmarks.bench_train import (
-    OURS_PROVIDERS,
-    OursStep,
-    ReferenceStep,
-    add_step_args,
-    apply_quick,
-    bench_config,
-    synthetic_crops,
-)
-from benchmarks.common import environment, pick_device, print_table, results_path, sync, write_json
+from benchmarks import steps
+from benchmarks.common import Record, pick_device, print_table, summarize, sync
 
 PHASES = ("dino:teacher_forward", "dino:student_forward", "dino:loss", "dino:health", "dino:backward",
           "dino:clip", "dino:optimizer_step", "dino:teacher_ema")
 STEP_RANGE, DRAIN_RANGE = "bench:step", "bench:drain"
+NAME = "train step profile"  # the record's rows: mode = the pass (measured, host_floor), p20/p50/p80 unprofiled
 # Ops that launch no kernel: views, metadata, allocation (counted neither here nor in the test's dispatch count).
 METADATA_OPS = frozenset({
     "alias", "as_strided", "as_strided_", "chunk", "detach", "detach_", "diagonal", "empty", "empty_like",
@@ -130,43 +123,66 @@ def _in_window(starts: list[float], ends: list[float], t: float) -> int | None:
     return i if i >= 0 and t <= ends[i] else None
 
 
-def analyse(events, n_steps: int, device_trace: bool, with_phases: bool) -> dict[str, Any]:
-    """Per-step numbers from the profiler's events (see the module docstring)."""
-    cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    steps = sorted((e for e in cpu if e.name == STEP_RANGE), key=lambda e: e.time_range.start)[-n_steps:]
-    if not steps:
-        raise RuntimeError(f"the profiler recorded no {STEP_RANGE!r} range ({len(events)} events)")
-    drain = max((e.time_range.end for e in cpu if e.name == DRAIN_RANGE), default=steps[-1].time_range.end)
-    h_start = [e.time_range.start for e in steps]
-    h_end = [e.time_range.end for e in steps]
+def _step_windows(cpu, n_steps: int, n_events: int) -> tuple[list[float], list[float], list[float]]:
+    """(host start, host end, device-window end) of each of the last ``n_steps`` profiled steps."""
+    ranges = sorted((e for e in cpu if e.name == STEP_RANGE), key=lambda e: e.time_range.start)[-n_steps:]
+    if not ranges:
+        raise RuntimeError(f"the profiler recorded no {STEP_RANGE!r} range ({n_events} events)")
+    drain = max((e.time_range.end for e in cpu if e.name == DRAIN_RANGE), default=ranges[-1].time_range.end)
+    h_start = [e.time_range.start for e in ranges]
+    h_end = [e.time_range.end for e in ranges]
     d_end = h_start[1:] + [max(drain, h_end[-1])]  # device window: this step's start to the next one's
-    n = len(steps)
+    return h_start, h_end, d_end
 
-    phases = sorted((e for e in cpu if e.name in PHASES and h_start[0] <= e.time_range.start <= h_end[-1]),
-                    key=lambda e: e.time_range.start) if with_phases else []
-    p_start = [e.time_range.start for e in phases]
-    p_end = [e.time_range.end for e in phases]
-    per_phase = {name: {"host_us": [0.0] * n, "device_us": [0.0] * n, "kernels": [0] * n, "aten_ops": [0] * n,
-                        "host_syncs": [0] * n, "seen": 0} for name in PHASES} if with_phases else {}
-    for ev in phases:
-        i = _in_window(h_start, h_end, ev.time_range.start)
-        if i is not None:
-            per_phase[ev.name]["host_us"][i] += ev.time_range.end - ev.time_range.start
-            per_phase[ev.name]["seen"] += 1
 
-    ops, lsd, launches, syncs, sync_wait, linked = ([0] * n for _ in range(6))
-    sync_ends: list[list[float]] = [[] for _ in range(n)]
+class _PhaseTally:
+    """Per ``dino:*`` range of ours' step and per profiled step: its host time, and what the events inside count."""
+
+    def __init__(self, cpu, h_start: list[float], h_end: list[float]):
+        n = len(h_start)
+        self.ranges = sorted((e for e in cpu if e.name in PHASES and h_start[0] <= e.time_range.start <= h_end[-1]),
+                             key=lambda e: e.time_range.start)
+        self.starts = [e.time_range.start for e in self.ranges]
+        self.ends = [e.time_range.end for e in self.ranges]
+        self.by_name = {name: {"host_us": [0.0] * n, "device_us": [0.0] * n, "kernels": [0] * n, "aten_ops": [0] * n,
+                               "host_syncs": [0] * n, "seen": 0} for name in PHASES}
+        for ev in self.ranges:
+            i = _in_window(h_start, h_end, ev.time_range.start)
+            if i is not None:
+                self.by_name[ev.name]["host_us"][i] += ev.time_range.end - ev.time_range.start
+                self.by_name[ev.name]["seen"] += 1
+
+    def of(self, ev) -> dict[str, Any] | None:
+        """The tally of the range ``ev`` starts in, or None."""
+        j = _in_window(self.starts, self.ends, ev.time_range.start) if self.ranges else None
+        return self.by_name[self.ranges[j].name] if j is not None else None
+
+    def summary(self, device_trace: bool) -> dict[str, Any]:
+        return {name: {"host_ms": median([u / 1e3 for u in p["host_us"]]),
+                       "device_ms": median([u / 1e3 for u in p["device_us"]]) if device_trace else None,
+                       "kernels": median(p["kernels"]) if device_trace else None,
+                       "aten_ops": median(p["aten_ops"]), "host_syncs": median(p["host_syncs"]), "ranges": p["seen"]}
+                for name, p in self.by_name.items()}
+
+
+def _count_events(cpu, h_start: list[float], h_end: list[float], phases: _PhaseTally | None,
+                  device_trace: bool) -> tuple[dict[str, list], dict[str, list[float]]]:
+    """Per profiled step: counted aten ops, Python-level ``_local_scalar_dense`` calls, launch and sync calls, the
+    host time blocked in syncs (and when each ended), device time of the kernels the step's ops launched; and each
+    aten op's self host time and calls (the phases' tallies are filled on the way)."""
+    n = len(h_start)
+    c: dict[str, list] = {k: [0] * n for k in ("ops", "lsd", "launches", "syncs", "sync_wait", "linked")}
+    c["sync_ends"] = [[] for _ in range(n)]
     host_ops: dict[str, list[float]] = {}
     for ev in cpu:
         i = _in_window(h_start, h_end, ev.time_range.start)
         if i is None:
             continue
-        j = _in_window(p_start, p_end, ev.time_range.start) if phases else None
-        ph = per_phase[phases[j].name] if j is not None else None
+        ph = phases.of(ev) if phases else None
         name = ev.name
         api = name.split("_", 1)[0]
         if counted_op(ev):
-            ops[i] += 1
+            c["ops"][i] += 1
             if ph:
                 ph["aten_ops"][i] += 1
         if name.startswith("aten::"):
@@ -174,56 +190,65 @@ def analyse(events, n_steps: int, device_trace: bool, with_phases: bool) -> dict
             rec[0] += ev.self_cpu_time_total
             rec[1] += 1
         if name == "aten::_local_scalar_dense" and dispatched_op(ev):  # not a read inside a fused CPU op
-            lsd[i] += 1
+            c["lsd"][i] += 1
             if ph and not device_trace:
                 ph["host_syncs"][i] += 1
         elif api in LAUNCH_CALLS:
-            launches[i] += 1
+            c["launches"][i] += 1
         elif api in SYNC_CALLS:
-            syncs[i] += 1
-            sync_wait[i] += ev.time_range.end - ev.time_range.start
-            sync_ends[i].append(ev.time_range.end)
+            c["syncs"][i] += 1
+            c["sync_wait"][i] += ev.time_range.end - ev.time_range.start
+            c["sync_ends"][i].append(ev.time_range.end)
             if ph:
                 ph["host_syncs"][i] += 1
         if ev.kernels:
             dur = sum(k.duration for k in ev.kernels)
-            linked[i] += dur
+            c["linked"][i] += dur
             if ph:
                 ph["device_us"][i] += dur
                 ph["kernels"][i] += len(ev.kernels)
+    return c, host_ops
 
+
+def _device_numbers(events, cpu, c: dict[str, list], h_start: list[float], d_end: list[float]) -> dict[str, Any]:
+    """The device trace's numbers, or a note that it holds no device events."""
+    cpu_names = {e.name for e in cpu}
+    dev = [e for e in events if e.device_type != DeviceType.CPU and e.name not in cpu_names
+           and not getattr(e, "is_user_annotation", False)]  # not the GPU-side copies of record_function ranges
+    if not dev:
+        return {"device_trace": "no device events recorded (CUPTI could not trace kernels); device fields empty"}
+    out = _device_side(dev, h_start, d_end, c["sync_ends"])
+    runtime_seen = sum(c["launches"]) > 0
+    out.update(kernel_launch_calls=median(c["launches"]), device_ms_sum=median([u / 1e3 for u in c["linked"]]),
+               sync_calls=median(c["syncs"]), sync_wait_ms=median([u / 1e3 for u in c["sync_wait"]]),
+               host_syncs=median(c["syncs"]) if runtime_seen else out["d2h_copies"],
+               host_syncs_source=("CUDA runtime sync calls: " + "/".join(sorted(SYNC_CALLS))) if runtime_seen
+               else "device-to-host memcpy events (no runtime events in the trace)")
+    return out
+
+
+def analyse(events, n_steps: int, device_trace: bool, with_phases: bool) -> dict[str, Any]:
+    """Per-step numbers from the profiler's events (see the module docstring)."""
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    h_start, h_end, d_end = _step_windows(cpu, n_steps, len(events))
+    n = len(h_start)
+    phases = _PhaseTally(cpu, h_start, h_end) if with_phases else None
+    c, host_ops = _count_events(cpu, h_start, h_end, phases, device_trace)
     out: dict[str, Any] = {
         "host_ms_profiled": median([(e - s) / 1e3 for s, e in zip(h_start, h_end)]),
         "wall_ms_profiled": {"median": median([(e - s) / 1e3 for s, e in zip(h_start, d_end)]),
                              "mean": (d_end[-1] - h_start[0]) / 1e3 / n},
-        "aten_ops": median(ops), "local_scalar_dense": median(lsd),
+        "aten_ops": median(c["ops"]), "local_scalar_dense": median(c["lsd"]),
         "top_host_ops": [[k, round(v[0] / 1e3 / n, 4), v[1] / n] for k, v in
                          sorted(host_ops.items(), key=lambda kv: -kv[1][0])[:TOP]],
     }
     if device_trace:
-        cpu_names = {e.name for e in cpu}
-        dev = [e for e in events if e.device_type != DeviceType.CPU and e.name not in cpu_names
-               and not getattr(e, "is_user_annotation", False)]  # not the GPU-side copies of record_function ranges
-        if dev:
-            out.update(_device_side(dev, h_start, d_end, sync_ends))
-            runtime_seen = sum(launches) > 0
-            out.update(kernel_launch_calls=median(launches), device_ms_sum=median([u / 1e3 for u in linked]),
-                       sync_calls=median(syncs), sync_wait_ms=median([u / 1e3 for u in sync_wait]),
-                       host_syncs=median(syncs) if runtime_seen else out["d2h_copies"],
-                       host_syncs_source=("CUDA runtime sync calls: " + "/".join(sorted(SYNC_CALLS))) if runtime_seen
-                       else "device-to-host memcpy events (no runtime events in the trace)")
-        else:
-            out["device_trace"] = "no device events recorded (CUPTI could not trace kernels); device fields empty"
+        out.update(_device_numbers(events, cpu, c, h_start, d_end))
     if "host_syncs" not in out:
-        out.update(host_syncs=median(lsd),
+        out.update(host_syncs=median(c["lsd"]),
                    host_syncs_source="aten::_local_scalar_dense calls (no CUDA runtime events: CPU or no device trace)")
-    if with_phases:
-        out["phases"] = {
-            name: {"host_ms": median([u / 1e3 for u in p["host_us"]]),
-                   "device_ms": median([u / 1e3 for u in p["device_us"]]) if device_trace else None,
-                   "kernels": median(p["kernels"]) if device_trace else None,
-                   "aten_ops": median(p["aten_ops"]), "host_syncs": median(p["host_syncs"]), "ranges": p["seen"]}
-            for name, p in per_phase.items()}
+    if phases:
+        out["phases"] = phases.summary(device_trace)
     return out
 
 
@@ -295,16 +320,11 @@ def profiled_steps(step, crops, n: int, device: torch.device, device_trace: bool
     return prof.events()
 
 
-def run_provider(provider: str, cfg, device: torch.device, args) -> dict[str, Any]:
+def run_provider(provider: str, cfg, device: torch.device, args) -> tuple[dict[str, float], dict[str, Any]]:
+    """(the unprofiled step times, everything else: the analysis of the profiled steps) of ``provider``'s step."""
     with narrow_backbones(args.width):
-        if provider in OURS_PROVIDERS:
-            torch._dynamo.reset()
-            step = OursStep(cfg, device, OURS_PROVIDERS[provider])
-        elif provider == "reference":
-            step = ReferenceStep(cfg, device)
-        else:
-            raise ValueError(f"unknown provider {provider!r} (have: {', '.join([*OURS_PROVIDERS, 'reference'])})")
-    crops = synthetic_crops(cfg, device)
+        step = steps.build_step(provider, cfg, device)
+    crops = steps.synthetic_crops(cfg, device)
     for _ in range(args.warmup):
         step(crops)
     sync(device)
@@ -331,10 +351,9 @@ def run_provider(provider: str, cfg, device: torch.device, args) -> dict[str, An
         events = profiled_steps(step, crops, args.steps, device, False)
     res = analyse(events, args.steps, device_trace, with_phases=provider.startswith("ours"))
     note = res.pop("device_trace", note)
-    b = cfg.data.batch_size_per_gpu
-    res = {"provider": provider, "arch": cfg.model.arch, "batch": b, "steps": args.steps, "width": args.width,
-           "crops": f"2x{cfg.data.global_crop_size}+{cfg.data.local_crops_number}x{cfg.data.local_crop_size}",
-           "describe": step.describe, "device_trace": note, "wall_ms": wall, "img_per_s": b / wall["mean"] * 1e3,
+    facts = steps.step_facts(cfg)
+    res = {**facts, "steps": args.steps, "width": args.width, "describe": step.describe, "device_trace": note,
+           "wall_ms": wall, "img_per_s": facts["batch"] / wall["mean"] * 1e3,
            "profiler_overhead": res["wall_ms_profiled"]["mean"] / wall["mean"], **res}
     if res.get("gpu_busy_ms") is not None:
         res["gpu_idle_share_unprofiled"] = max(0.0, 1 - res["gpu_busy_ms"] / wall["mean"])
@@ -342,7 +361,7 @@ def run_provider(provider: str, cfg, device: torch.device, args) -> dict[str, An
     del step
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return res
+    return summarize(times), res
 
 
 def verdict(r: dict[str, Any]) -> str:
@@ -360,7 +379,7 @@ def verdict(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_step_args(p, "vit_small_patch16_224")
+    steps.add_step_args(p, "vit_small_patch16_224")
     p.add_argument("--providers", default="ours,reference", help="ours,ours-compiled,ours-cudagraphs,reference")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (and as many timed without the profiler)")
     p.add_argument("--warmup", type=int, default=3)
@@ -376,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = pick_device(args.device)
     extra = list(args.set)
     if args.quick:  # bench_train --quick's sizes
-        apply_quick(args, extra)
+        steps.apply_quick(args, extra)
         args.steps, args.warmup = 2, 2
     # (name, width, batch, global px, local px, K, overrides) of each pass; the host floor keeps depth, heads, the
     # crop count and every op, and shrinks only the arithmetic.
@@ -384,49 +403,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floor = ("host_floor", 48, 1, 32, 16, 1024,
              extra + ["model.patch_size=16", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32"])
     passes = {"off": passes, "also": passes + [floor], "only": [floor]}[args.host_floor]
-    path = results_path("profile", device, args.out)
-    payload = {"benchmark": "train_step_profile", "env": environment(device), "quick": args.quick,
-               "method": " ".join(__doc__.split("\n\n", 1)[1].split()), "partial": True, "results": []}
+    record = Record("train_step_profile", device, args.out, stem="profile", quick=args.quick,
+                    method=" ".join(__doc__.split("\n\n", 1)[1].split()))
     for name, width, batch, global_size, local_size, out_dim, overrides in passes:
         args.width = width
         for arch in args.archs.split(","):
             for provider in args.providers.split(","):
-                cfg = bench_config(arch, batch, args.locals, global_size, local_size, out_dim, device, overrides)
+                cfg = steps.bench_config(arch, batch, args.locals, global_size, local_size, out_dim, device, overrides)
+                shape = steps.step_shape(steps.step_facts(cfg))
                 try:
-                    result = run_provider(provider, cfg, device, args)
+                    timing, result = run_provider(provider, cfg, device, args)
+                    record.add(NAME, provider, name, shape, timing, **result)
                 except Exception as exc:  # record and go on: one failing case must not lose the others
-                    result = {"provider": provider, "arch": arch, "error": f"{type(exc).__name__}: {exc}"[:500]}
-                payload["results"].append({"pass": name, **result})
-                write_json(payload, path)  # what is done survives a timeout of the caller
-    payload["partial"] = False
-    write_json(payload, path)
-    _print(payload, device)
+                    record.add(NAME, provider, name, shape, error=f"{type(exc).__name__}: {exc}"[:500],
+                               **steps.step_facts(cfg))
+                record.write(partial=True)  # what is done survives a timeout of the caller
+    path = record.write(partial=False)
+    _print(record)
     print(f"wrote {path}")
-    return payload
+    return record.payload(partial=False)
 
 
-def _print(payload: dict[str, Any], device: torch.device) -> None:
-    ok = [r for r in payload["results"] if "error" not in r]
-    for r in payload["results"]:
-        if "error" in r:
-            print(f"{r['arch']} {r['pass']} {r['provider']}: {r['error']}")
-    print_table(f"DINO step profile on {payload['env']['device']} (per step, median of the profiled steps)",
+def _print(record: Record) -> None:
+    for r in record.rows:
+        if r["error"]:
+            print(f"{r['extra']['arch']} {r['mode']} {r['provider']}: {r['error']}")
+    ok = [(f"{r['extra']['arch']} {r['mode']} {r['provider']}", r["extra"]) for r in record.rows if not r["error"]]
+    print_table(f"DINO step profile on {record.environment['device']} (per step, median of the profiled steps)",
                 ["arch", "pass", "provider", "ms (no prof)", "ms (prof)", "GPU busy ms", "GPU idle", "launches",
                  "syncs", "aten ops", "item()", "trace"],
-                [[r["arch"], r["pass"], r["provider"], r["wall_ms"]["mean"], r["wall_ms_profiled"]["mean"],
-                  r.get("gpu_busy_ms"), r.get("gpu_idle_share_unprofiled"), r.get("kernel_launch_calls"),
-                  r["host_syncs"], r["aten_ops"], r["local_scalar_dense"], r["device_trace"][:30]] for r in ok])
-    for r in ok:
-        if "phases" in r:
-            print_table(f"{r['arch']} {r['pass']} {r['provider']}: step phases",
-                        ["phase", "host ms", "device ms", "kernels", "aten ops", "syncs"],
+                [[*label.split(" "), x["wall_ms"]["mean"], x["wall_ms_profiled"]["mean"],
+                  x.get("gpu_busy_ms"), x.get("gpu_idle_share_unprofiled"), x.get("kernel_launch_calls"),
+                  x["host_syncs"], x["aten_ops"], x["local_scalar_dense"], x["device_trace"][:30]] for label, x in ok])
+    for label, x in ok:
+        if "phases" in x:
+            print_table(f"{label}: step phases", ["phase", "host ms", "device ms", "kernels", "aten ops", "syncs"],
                         [[k.removeprefix("dino:"), v["host_ms"], v["device_ms"], v["kernels"], v["aten_ops"],
-                          v["host_syncs"]] for k, v in r["phases"].items()])
-        if "verdict" in r:
-            print(f"{r['arch']} {r['pass']} {r['provider']}: {r['verdict']}")
-        top = r.get("top_kernels") or r["top_host_ops"]
-        what = "kernels" if device.type == "cuda" else "host ops"
-        print(f"{r['arch']} {r['pass']} {r['provider']} top {what} (ms/step, calls):"
+                          v["host_syncs"]] for k, v in x["phases"].items()])
+        if "verdict" in x:
+            print(f"{label}: {x['verdict']}")
+        top = x.get("top_kernels") or x["top_host_ops"]
+        what = "kernels" if record.device.type == "cuda" else "host ops"
+        print(f"{label} top {what} (ms/step, calls):"
               + "".join(f"\n  {ms:8.3f} {calls:6.0f}  {name[:90]}" for name, ms, calls in top[:5]))
 
 

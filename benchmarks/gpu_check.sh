@@ -4,10 +4,9 @@
 # variant per arch and batch; the defaults (model.*, train.*, the README's batch per GPU) are set from it. The older
 # checks follow only with GPU_CHECK_ALL=1 (or by name in GPU_CHECK_ONLY).
 #
-# Decision run budget, estimated from the H100 runs in benchmarks/results/ (ViT-S/16 2x224+10x96: ours 69-92 ms and
-# the reference 98-114 ms per step at B=64, about linear in B; ViT-B/16 130 / 153 ms; ~7 s per row to build the
-# models and DeepSpeed; torch.compile ~65-71 s per new graph), 7 timed steps per row (2 warm-up: the graph's eager
-# step and its capture, then 5):
+# Decision run budget, estimated from the H100 rows in benchmarks/results/train_*_nvidia-h100-80gb-hbm3.json (their
+# p50_ms per step at B=64, taken as linear in B; their extra.warmup_s: building the models and DeepSpeed per row, and
+# torch.compile per new graph), 7 timed steps per row (2 warm-up: the graph's eager step and its capture, then 5):
 #   ViT-S  ours, packed, graph, packed-graph x B 64/128/256: 4 x (7.5 + 8.1 + 9.1)             ~  99 s
 #          reference, reference repo x B 64/128/256:            2 x (7.7 + 8.4 + 9.8)          ~  52 s
 #   ViT-B  ours, packed, graph x B 64/128/256:                  3 x (7.9 + 8.8 + 10.6)         ~  82 s
@@ -97,8 +96,8 @@ if [[ $last_rc =~ ^[0-9]+$ ]] && [ "$last_rc" -ne 0 ] && [ "$last_rc" -ne 124 ] 
     && [ -z "$(find "$OUT_DIR" -maxdepth 1 -name 'profile_*.json' -newermt "@$t_profile")" ]; then
   step bench-profile 60 $PY -m benchmarks.bench_profile "${PROFILE_ARGS[@]}" --no-device-trace
 fi
-# The demo recipe trained 3x longer than `make demo` (900 steps, ~700 img/s on 16 cores), k-NN every 4 epochs: it
-# must keep learning (measured: 55% → 99% by step 750 in a longer schedule, 94.75% after 900 steps).
+# The demo recipe trained 3x longer than `make demo` (900 steps), k-NN every 4 epochs: it must keep learning (its
+# k-NN accuracy per evaluation goes to train_demo_metrics.jsonl; an earlier run's: results/train_demo_metrics_*.jsonl).
 step train-demo 80 $PY -m dino_fast.train --config dino_fast/configs/demo.yaml optim.epochs=12 \
   eval.knn_every_epochs=4 data.num_workers=12 checkpoint.output_dir=/tmp/gpu_demo checkpoint.every_steps=0 \
   logging.progress=plain logging.print_every=250
@@ -106,7 +105,8 @@ cp /tmp/gpu_demo/metrics.jsonl "$OUT_DIR/train_demo_metrics.jsonl" 2>/dev/null
 step cuda-tests 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_dino_loss.py tests/test_ops_ema.py \
   tests/test_gpu_augment.py
 step bench-augment 40 $PY -m benchmarks.bench_augment
-# torch.compile of the reference loss only for the first (real-size) configuration: the other compiles took 34 s.
+# torch.compile of the reference loss only for the first (real-size) configuration: the others add as much again
+# (the compile rows' extra.first_call_s in results/bench_loss_nvidia-h100-80gb-hbm3.json).
 step bench-loss 70 $PY -m benchmarks.bench_loss --compile-budget-s 10
 # End to end with the baseline torch/PIL loader on the machine's cores (DALI and FFCV cannot be carried there).
 step bench-train-torch 90 $PY -m benchmarks.bench_train --archs vit_small_patch16_224 --modes torch \

@@ -1,9 +1,10 @@
 """Every benchmark of the project in one run (``make bench``), then one summary of all results files.
 
 Runs bench_loss, bench_ema, bench_loaders and bench_train (``--quick`` on a CPU, full on a GPU) as separate
-processes, so one failing benchmark does not lose the others; then reads every ``benchmarks/results/*.json``,
-writes ``benchmarks/results/summary.md`` (ours vs the reference, piece by piece, per device, with the date), a PNG
-chart of the speed-ups, and replaces the README's "Performance" section with the same table.
+processes, so one failing benchmark does not lose the others; then reads every record in ``benchmarks/results/``
+(the JSON files of ``benchmarks.common.SCHEMA``) and writes ``benchmarks/results/summary.md``: each headline row
+against its baseline row measured in the same run (throughput ratio, ``benchmarks.common.speedup``), per device,
+with the date; a PNG chart of the speed-ups; and the README's "Performance" section with the same table.
 
     python -m benchmarks.run_all            # run, then summarise
     python -m benchmarks.run_all --summary  # only summarise the results already there
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import SCHEMA, baseline_row, fmt, throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -34,58 +37,39 @@ def run_benchmarks(quick: bool) -> dict[str, int]:
     return codes
 
 
-def _env(d: dict) -> dict:
-    return d.get("environment") or d.get("env") or {}
-
-
 def summary_rows() -> list[tuple[str, str, str, str, str, str]]:
-    """(device, date, piece, ours, reference, ratio) for every results file."""
+    """(device, date, piece, ours, reference, ratio) for every headline row of every results file."""
     rows = []
     for path in sorted(RESULTS.glob("*.json")):
         d = json.loads(path.read_text())
-        env = _env(d)
-        device, date = env.get("device", "?"), str(env.get("date", "?"))[:10]
-        for r in d.get("results") or [{}]:  # a benchmark of one measurement has no list
-            piece = _describe(d, r)
-            if piece is None:
-                continue
-            rows.append((device, date, *piece))
+        if d.get("schema") != SCHEMA:  # other JSON kept there (recipe_check, dali_gpu_check) is not a record
+            continue
+        for r in d["rows"]:
+            cells = _describe(d, r)
+            if cells is not None:
+                rows.append((r["device"], str(r["date"])[:10], *cells))
     return rows
 
 
 def _describe(d: dict, r: dict) -> tuple[str, str, str, str] | None:
-    bench = d.get("benchmark", "")
-    if "loss" in bench and r.get("provider") == "ours" and "speedup_full_vs_reference" in r:
-        ref = r["full"]["median_ms"] * r["speedup_full_vs_reference"]
-        return (f"DINO loss fwd+bwd B={r['B']} {r['ncrops']} crops K={r['K']} {r['dtype']}",
-                f"{r['full']['median_ms']:.3g} ms", f"{ref:.3g} ms", f"{r['speedup_full_vs_reference']:.1f}×")
-    if "ema" in bench and str(r.get("provider", "")).startswith("ours-flat"):
-        ms = r["timing"]["median_ms"]
-        return (f"teacher EMA {r['param_set']} ({r['student_dtype']} student)", f"{ms:.3g} ms "
-                f"({r['pct_of_copy_bw']:.0f}% of copy bw)", f"{ms * r['speedup_vs_reference']:.3g} ms",
-                f"{r['speedup_vs_reference']:.1f}×")
-    if "loader" in bench and r.get("status") == "ok" and r.get("backend") != "torch":
-        return (f"loader {r['backend']} {r['config']}", f"{r['img_per_s']:.0f} img/s", "torch/PIL baseline",
-                f"{r['vs_torch']:.2f}×")
-    if bench == "augment" and "speedup_vs_one_reference_core" in d:
-        ref = 1e3 / d["reference_ms_per_img_one_core"]
-        return (f"photometric augmentation, batched on the device, {d['crops']} B={d['batch']}",
-                f"{d['img_per_s']:.0f} img/s", f"{ref:.1f} img/s (PIL, 1 core)",
-                f"{d['speedup_vs_one_reference_core']:.0f}×")
-    if bench == "train_step" and str(r.get("provider", "")).startswith("ours") and "speedup_vs_reference" in r:
-        ref = r["img_per_s"] / r["speedup_vs_reference"]
-        mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""
-        compiled = {"ours-compiled": ", compiled", "ours-cudagraphs": ", compiled + CUDA graphs",
-                    "ours-graph": ", whole-step CUDA graph", "ours-packed": ", packed crops",
-                    "ours-packed-graph": ", packed crops + whole-step graph",
-                    "ours-best": ", compiled + packed + whole-step graph"}.get(r["provider"], "")
-        piece = f"train step {r['arch']} {r['crops']} B={r['batch']} {r['mode']}{compiled}"
-        if "speedup_vs_reference_torch_loader" in r:  # our loader vs the reference's: the end-to-end comparison
-            ratio = r["speedup_vs_reference_torch_loader"]
-            return (piece, f"{r['img_per_s']:.0f} img/s{mfu}",
-                    f"{r['img_per_s'] / ratio:.0f} img/s (torch/PIL loader)", f"{ratio:.2f}×")
-        return (piece, f"{r['img_per_s']:.0f} img/s{mfu}", f"{ref:.0f} img/s", f"{r['speedup_vs_reference']:.2f}×")
-    return None
+    """(piece, ours, reference, ratio) of a headline row against its baseline in the same file, else None."""
+    base = baseline_row(r, d["rows"]) if r["headline"] and r["error"] is None else None
+    if base is None:
+        return None
+    piece = " ".join(x for x in (r["name"], r["shape"], r["mode"]) if x)
+    if r["provider"] != "ours":
+        piece += f", {r['provider']}"
+    x = r["extra"]
+    ours = _value(r) + (f" ({x['pct_of_copy_bw']:.0f}% of copy bw)" if x.get("pct_of_copy_bw") else "") + (
+        f", MFU {100 * x['mfu']:.0f}%" if x.get("mfu") else "")
+    label = [base["provider"]] if base["provider"] != "reference" or base["mode"] != r["mode"] else []
+    label += [base["mode"]] if base["mode"] != r["mode"] else []
+    reference = _value(base) + (f" ({', '.join(label)})" if label else "")
+    return piece, ours, reference, f"{throughput(r) / throughput(base):.3g}×"
+
+
+def _value(r: dict) -> str:
+    return f"{fmt(throughput(r))} img/s" if "images" in r["extra"] else f"{fmt(r['p50_ms'])} ms"
 
 
 def markdown(rows) -> str:

@@ -11,6 +11,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_profile, bench_train, run_all
+from benchmarks.common import speedup
+from benchmarks.steps import OursStep, ReferenceStep, bench_config, synthetic_crops
+
+
+def flat(row: dict) -> dict:
+    """A record row with its ``extra`` fields beside the schema's."""
+    return {**row["extra"], **{k: v for k, v in row.items() if k != "extra"}}
 
 
 def test_bench_train_quick_run_writes_results_the_summary_reads(tmp_path):
@@ -18,15 +25,17 @@ def test_bench_train_quick_run_writes_results_the_summary_reads(tmp_path):
     bench_train.main(["--quick", "--providers", "ours,reference", "--steps", "2", "--warmup", "1",
                       "--out", str(out)])
     payload = json.loads(out.read_text())
-    by_provider = {r["provider"]: r for r in payload["results"]}
-    assert set(by_provider) == {"ours", "reference"} and all("error" not in r for r in by_provider.values())
+    by_provider = {r["provider"]: r for r in payload["rows"]}
+    assert set(by_provider) == {"ours", "reference"} and all(r["error"] is None for r in by_provider.values())
     ours, ref = by_provider["ours"], by_provider["reference"]
+    ours_speedup = speedup(ours, payload["rows"])
+    ours, ref = flat(ours), flat(ref)
     assert ours["img_per_s"] > 0 and ref["img_per_s"] > 0
-    assert abs(ours["speedup_vs_reference"] - ours["img_per_s"] / ref["img_per_s"]) < 1e-9
+    assert abs(ours_speedup - ours["img_per_s"] / ref["img_per_s"]) < 1e-9
     assert ours["batch"] == 8 and ours["crops"] == "2x64+4x32"
-    piece, ours_cell, ref_cell, ratio = run_all._describe(payload, ours)
+    piece, ours_cell, ref_cell, ratio = run_all._describe(payload, by_provider["ours"])
     assert piece.startswith("train step vit_tiny_patch16_224 2x64+4x32 B=8 synthetic")
-    assert ratio == f"{ours['speedup_vs_reference']:.2f}×" and run_all._describe(payload, ref) is None
+    assert ratio == f"{ours_speedup:.3g}×" and run_all._describe(payload, by_provider["reference"]) is None
 
 
 def test_bench_train_quick_batch_sweep_of_the_new_variants(tmp_path):
@@ -37,13 +46,15 @@ def test_bench_train_quick_batch_sweep_of_the_new_variants(tmp_path):
     bench_train.main(["--quick", "--batches", "4,8", "--providers", "ours,ours-packed,ours-graph,reference",
                       "--steps", "2", "--warmup", "1", "--out", str(out)])
     payload = json.loads(out.read_text())
-    rows = {(r["provider"], r["batch"]): r for r in payload["results"]}
+    raw = {(r["provider"], r["extra"]["batch"]): r for r in payload["rows"]}
+    rows = {key: flat(r) for key, r in raw.items()}
     assert set(rows) == {(p, b) for p in ("ours", "ours-packed", "ours-graph", "reference") for b in (4, 8)}
     for b in (4, 8):
         assert "needs a CUDA GPU" in rows["ours-graph", b]["error"]
         packed = rows["ours-packed", b]
         assert "packed crops" in packed["describe"] and packed["batch"] == b and packed["img_per_s"] > 0
-        assert packed["speedup_vs_reference"] == pytest.approx(packed["img_per_s"] / rows["reference", b]["img_per_s"])
+        ratio = packed["img_per_s"] / rows["reference", b]["img_per_s"]
+        assert speedup(raw["ours-packed", b], payload["rows"]) == pytest.approx(ratio)
     fastest = {f["batch"]: f for f in payload["fastest"]}
     assert set(fastest) == {4, 8}
     for b, f in fastest.items():
@@ -74,16 +85,16 @@ def test_bench_profile_quick_numbers_match_independent_counts(tmp_path):
     out = tmp_path / "profile.json"
     bench_profile.main(["--quick", "--host-floor", "also", "--out", str(out)])
     payload = json.loads(out.read_text())
-    by_provider = {r["provider"]: r for r in payload["results"] if r["pass"] == "measured"}
-    floor = {r["provider"]: r for r in payload["results"] if r["pass"] == "host_floor"}
+    by_provider = {r["provider"]: flat(r) for r in payload["rows"] if r["mode"] == "measured"}
+    floor = {r["provider"]: flat(r) for r in payload["rows"] if r["mode"] == "host_floor"}
     # The host floor runs the same ops (that is what makes it the floor of this step), with less arithmetic.
-    assert set(floor) == set(by_provider) and all("error" not in r and r["width"] == 48 for r in floor.values())
+    assert set(floor) == set(by_provider) and all(r["error"] is None and r["width"] == 48 for r in floor.values())
     for provider, r in floor.items():
         assert abs(r["aten_ops"] - by_provider[provider]["aten_ops"]) <= 0.01 * r["aten_ops"], provider
         assert r["batch"] == 1 and r["crops"] == "2x32+4x16"
-    assert set(by_provider) == {"ours", "reference"} and all("error" not in r for r in by_provider.values())
+    assert set(by_provider) == {"ours", "reference"} and all(r["error"] is None for r in by_provider.values())
     ours, ref = by_provider["ours"], by_provider["reference"]
-    assert payload["method"] and payload["env"]["device_type"] == "cpu"
+    assert payload["method"] and payload["environment"]["device_type"] == "cpu"
 
     # Every train_step range appears once per profiled step; together they cover most of the step, never more.
     phases = ours["phases"]
@@ -96,11 +107,11 @@ def test_bench_profile_quick_numbers_match_independent_counts(tmp_path):
     # The same steps, counted independently: one step (after the bench's two warm-up steps) under a dispatch mode.
     device = torch.device("cpu")
     counts, steps = {}, {}
-    for provider, cls in (("ours", bench_train.OursStep), ("reference", bench_train.ReferenceStep)):
-        cfg = bench_train.bench_config("vit_tiny_patch16_224", 8, 4, 64, 32, 4096, device,
-                                       ["model.depth=2", "model.patch_size=16"])
+    for provider, cls in (("ours", OursStep), ("reference", ReferenceStep)):
+        cfg = bench_config("vit_tiny_patch16_224", 8, 4, 64, 32, 4096, device,
+                           ["model.depth=2", "model.patch_size=16"])
         step = steps[provider] = cls(cfg, device)
-        crops = bench_train.synthetic_crops(cfg, device)
+        crops = synthetic_crops(cfg, device)
         step(crops)
         step(crops)
         with _AtenCalls() as mode:
