@@ -69,7 +69,8 @@ import torch
 from PIL import Image
 
 from pipelines.folder import DataError, ImageList
-from pipelines.spec import CropSpec, MultiCropBatch, MultiCropSpec
+from pipelines.loader import MultiCropBatch, MultiCropLoader, derive_seed
+from pipelines.spec import CropSpec, MultiCropSpec
 
 try:
     import nvidia.dali.fn as fn
@@ -250,7 +251,7 @@ def multicrop_pipeline(files: list[str], labels: list[int], spec: MultiCropSpec,
 
 def rank_seed(seed: int, rank: int) -> int:
     """The augmentation seed of ``rank``: distinct per rank, fixed by the run seed."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] & 0x7FFF_FFFF)
+    return derive_seed(seed, rank) & 0x7FFF_FFFF
 
 
 def build_pipeline(images: ImageList, spec: MultiCropSpec, batch_size: int, num_threads: int, rank: int,
@@ -271,43 +272,28 @@ def build_pipeline(images: ImageList, spec: MultiCropSpec, batch_size: int, num_
     return pipe
 
 
-class DaliMultiCropLoader:
-    """Batches of :class:`MultiCropBatch` from a DALI pipeline (see the module docstring and ``pipelines.spec``).
+class DaliMultiCropLoader(MultiCropLoader):
+    """Batches of :class:`MultiCropBatch` from a DALI pipeline (the constructor and the batch: ``pipelines.loader``;
+    the graph: the module docstring).
 
     ``ops`` (tests only) leaves out photometric ops; the production graph is built by the same code with all of them.
     """
 
-    def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int, rank: int,
-                 world_size: int, seed: int, device: torch.device, *, ops: Collection[str] = ALL_OPS,
-                 hw_decoder_load: float = HW_DECODER_LOAD):
+    def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu", *,
+                 ops: Collection[str] = ALL_OPS, hw_decoder_load: float = HW_DECODER_LOAD):
         images = check_images(images, threads=max(4, num_workers))
-        self.spec, self.batch_size = spec, batch_size
-        self.device = torch.device(device)
-        self.steps_per_epoch = (len(images.files) // world_size) // batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(images.files)} images in '{images.root}' are fewer than one batch per rank "
-                f"({batch_size} × {world_size} ranks): lower data.batch_size_per_gpu or add images"
-            )
+        super().__init__(len(images.files), images.root, spec, batch_size, num_workers, rank, world_size, seed, device)
         self.pipe = build_pipeline(images, spec, batch_size, num_workers, rank, world_size, seed, self.device, ops,
                                    hw_decoder_load=hw_decoder_load)
         meta = self.pipe.reader_meta("Reader")
         # every shard is padded to the same length, then to whole batches: that many runs make one reader epoch
         self.runs_per_epoch = math.ceil(meta["epoch_size_padded"] / meta["number_of_shards"] / batch_size)
         self._runs_done = 0  # runs into the current reader epoch
-        self.epoch, self.start_step = 0, 0
         if rank == 0:
             decode = "nvJPEG on the GPU (mixed)" if self.device.type == "cuda" else "libjpeg-turbo on the CPU"
             print(f"dali loader: {len(images.files)} images in {images.root}, decode once with {decode}, "
                   f"{max(1, num_workers)} threads, {self.steps_per_epoch} steps/epoch", flush=True)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step} is outside the epoch's 0..{self.steps_per_epoch} steps")
-        self.epoch, self.start_step = epoch, start_step
 
     def _run(self):
         """One pipeline run; on a GPU its outputs are ordered on torch's current stream (no host wait)."""

@@ -13,10 +13,11 @@ Output layout: FFCV gives one output per pipeline, so all crops of one image are
 :func:`unpack` turns the batch ``[B, row]`` into ``[B, 2, G, G, 3]`` and ``[B, N, L, L, 3]`` views without copying.
 
 Randomness: crop boxes and flips use torchvision's RandomResizedCrop.get_params algorithm (as
-``pipelines.torch_loader.sample_resized_crop``) on numba's MT19937, **re-seeded for every image** from
-``(seed, epoch, image index)``. A crop is therefore a pure function of that key: the same with or without numba JIT,
-on any number of threads or ranks, and when a run resumes mid-epoch. The epoch reaches the compiled code through a
-small numpy array read by address each batch (numba freezes captured arrays as compile-time constants).
+``pipelines.torch_loader.sample_resized_crop``) on numba's MT19937, **re-seeded for every image** with the loader
+contract's ``sample_seed(seed, epoch, image index)``. A crop is therefore a pure function of that key: the same with
+or without numba JIT, on any number of threads or ranks, and when a run resumes mid-epoch. The epoch reaches the
+compiled code through a small numpy array read by address each batch (numba freezes captured arrays as compile-time
+constants).
 
 CPU photometric kernel (:func:`photometric_cpu`)
 -----------------------------------------------
@@ -44,25 +45,11 @@ from ffcv.pipeline.state import State
 from numba.core import types
 
 from pipelines.bicubic import resize_crop, transpose_image
+from pipelines.loader import sample_seed
 from pipelines.spec import MultiCropSpec
 
-_MASK32 = 0xFFFFFFFF
-
-
-@numba.njit(cache=True)
-def _mix32(x: int) -> int:
-    """A 32-bit integer hash (all products stay below 2^63, so it is exact in numba's int64 and in Python)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    return (x >> 16) ^ x
-
-
-@numba.njit(cache=True)
-def sample_key(seed: int, epoch: int, index: int) -> int:
-    """The 32-bit RNG seed of image ``index`` in ``epoch`` of a run seeded with ``seed``."""
-    h = _mix32(seed & _MASK32)
-    h = _mix32((h + (epoch & _MASK32)) & _MASK32)
-    return _mix32((h + (index & _MASK32)) & _MASK32)
+# the loader contract's per-image seed, compiled (it is plain integer arithmetic)
+sample_key = numba.njit(cache=True)(sample_seed)
 
 
 @numba.njit(cache=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.loader import derive_seed
 from pipelines.spec import MultiCropSpec
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision / PIL "L"
@@ -223,8 +224,7 @@ class PhotometricAugment:
         self.gen = torch.Generator(device=self.device)
 
     def reseed(self, epoch: int, step: int) -> None:
-        state = np.random.SeedSequence([self.seed, self.rank, epoch, step]).generate_state(1, dtype=np.uint64)[0]
-        self.gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+        self.gen.manual_seed(derive_seed(self.seed, self.rank, epoch, step))
 
     def params(self, batch_size: int) -> tuple[PhotometricParams, PhotometricParams]:
         """Parameters for the globals (rows G1 × B then G2 × B) and the locals (N × B rows)."""

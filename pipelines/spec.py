@@ -1,46 +1,15 @@
-"""The reference multi-crop augmentation as data, and the batch contract every loader backend yields.
+"""The reference multi-crop augmentation as data (DINO_SPEC "Multi-crop augmentation"), shared by every backend.
 
-Batch contract (every backend: ``torch``, ``dali``, ``ffcv``)
------------------------------------------------------------
-Iterating a loader yields :class:`MultiCropBatch` ``(crops, labels)``:
-
-- ``crops``: a list of ``2 + n_local`` float32 tensors in crop order G1, G2, L1..LN. Globals are
-  ``[B, 3, global_size, global_size]``, locals ``[B, 3, local_size, local_size]``; normalised with the ImageNet
-  mean/std (so a pixel of value v in [0, 1] becomes (v − mean) / std). Row b of every crop comes from the same image.
-- ``labels``: int64 ``[B]``, the class index of each image (its sub-folder in sorted order), ``-1`` for a flat folder.
-- Tensors are on the device the backend produces them on (the GPU for DALI ``mixed`` / FFCV GPU augmentation,
-  else the CPU); the trainer moves them with ``non_blocking=True``.
-
-A loader object also has ``steps_per_epoch`` (== ``len(loader)``; the last incomplete batch is dropped) and
-``set_epoch(epoch, start_step=0)``, which must be called before iterating an epoch: it fixes the shuffle of that
-epoch (seeded from the run seed and the epoch) and skips the first ``start_step`` batches when resuming mid-epoch.
+The loaders that apply it, and the batch they yield, are defined by the loader contract in ``pipelines.loader``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
-
-import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class MultiCropBatch(NamedTuple):
-    crops: list[torch.Tensor]
-    labels: torch.Tensor
-
-
-class MultiCropLoader(Protocol):
-    steps_per_epoch: int
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
-
-    def __iter__(self): ...
-
-    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True)
