@@ -6,5 +6,5 @@
 - the backends: ``torch_loader`` (the reference on PIL, the baseline), ``dali``, ``ffcv`` (its decode-once crop op
   in ``ffcv_ops``, its photometric chain in ``gpu_augment``).
 
-Importing this package imports nothing else.
+Importing this package imports nothing else, so ``dino_fast.config`` can read the crop defaults from ``spec``.
 """

@@ -163,10 +163,8 @@ def _colour(crop, spec: MultiCropSpec, ops: Collection[str]):
     jitter = _coin(spec.jitter_p) if "jitter" in ops else None
     gray = _coin(spec.gray_p) if "gray" in ops else None
     if jitter is not None:
-        b = fn.random.uniform(range=(max(0.0, 1 - spec.brightness), 1 + spec.brightness))
-        c = fn.random.uniform(range=(max(0.0, 1 - spec.contrast), 1 + spec.contrast))
-        s = fn.random.uniform(range=(max(0.0, 1 - spec.saturation), 1 + spec.saturation))
-        h = fn.random.uniform(range=(-spec.hue, spec.hue))  # in turns, as torchvision's hue factor
+        # brightness, contrast, saturation factors and the hue shift in turns (as torchvision's hue factor)
+        b, c, s, h = [fn.random.uniform(range=bounds) for bounds in spec.jitter_ranges()]
         if jitter:
             crop = colour_jitter(crop, b, c, s, h)
     if gray is not None:

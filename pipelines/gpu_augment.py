@@ -156,12 +156,7 @@ def draw_params(n: int, spec: MultiCropSpec, blur_p: torch.Tensor, solarize_p: t
 
     jitter = torch.rand(n, device=dev, generator=gen) < spec.jitter_p
     order = torch.rand(n, 4, device=dev, generator=gen).argsort(dim=1)  # a uniform random permutation per row
-    factors = torch.stack([
-        uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness),
-        uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast),
-        uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation),
-        uniform(-spec.hue, spec.hue),
-    ], dim=1)
+    factors = torch.stack([uniform(lo, hi) for lo, hi in spec.jitter_ranges()], dim=1)
     gray = torch.rand(n, device=dev, generator=gen) < spec.gray_p
     blur = torch.rand(n, device=dev, generator=gen) < blur_p.to(dev)
     sigma = uniform(*spec.blur_sigma)

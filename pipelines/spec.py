@@ -35,10 +35,7 @@ class MultiCropSpec:
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip_p: float = 0.5
     jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     gray_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # G1, G2, locals
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -50,6 +47,12 @@ class MultiCropSpec:
     @property
     def n_crops(self) -> int:
         return 2 + self.n_local
+
+    def jitter_ranges(self) -> tuple[tuple[float, float], ...]:
+        """The uniform ranges torchvision's ColorJitter draws from: the brightness, contrast and saturation factors
+        (``[max(0, 1 − x), 1 + x]``) and the hue shift in turns (``[−x, x]``)."""
+        brightness, contrast, saturation, hue = self.jitter
+        return tuple((max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)) + ((-hue, hue),)
 
     def crops(self) -> list[CropSpec]:
         """The crops in output order G1, G2, L1..LN."""

@@ -56,10 +56,7 @@ def sample_resized_crop(height: int, width: int, scale: tuple[float, float], rat
 def color_jitter(img: Image.Image, spec: MultiCropSpec, gen: torch.Generator) -> Image.Image:
     """torchvision ColorJitter: four factors drawn, then applied in a random order."""
     order = torch.randperm(4, generator=gen).tolist()
-    b = _uniform(gen, max(0.0, 1 - spec.brightness), 1 + spec.brightness)
-    c = _uniform(gen, max(0.0, 1 - spec.contrast), 1 + spec.contrast)
-    s = _uniform(gen, max(0.0, 1 - spec.saturation), 1 + spec.saturation)
-    h = _uniform(gen, -spec.hue, spec.hue)
+    b, c, s, h = (_uniform(gen, lo, hi) for lo, hi in spec.jitter_ranges())
     for op in order:
         if op == 0:
             img = TF.adjust_brightness(img, b)
