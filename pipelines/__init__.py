@@ -4,7 +4,7 @@
 - ``spec`` is the reference multi-crop augmentation as data; ``loader`` is the loader contract (one constructor,
   the batch every backend yields, the shared epoch order and seeds); ``build`` makes the backend a config names;
 - the backends: ``torch_loader`` (the reference on PIL, the baseline), ``dali``, ``ffcv`` (its decode-once crop op
-  in ``ffcv_ops``, its photometric chain in ``gpu_augment``).
+  in ``ffcv_ops``, its photometric chain in ``photometric`` driven by ``gpu_augment``).
 
 Importing this package imports nothing else, so ``dino_fast.config`` can read the crop defaults from ``spec``.
 """

@@ -70,7 +70,7 @@ from PIL import Image
 
 from pipelines.folder import DataError, ImageList
 from pipelines.loader import MultiCropBatch, MultiCropLoader, derive_seed
-from pipelines.spec import CropSpec, MultiCropSpec
+from pipelines.spec import LUMA, CropSpec, MultiCropSpec
 
 try:
     import nvidia.dali.fn as fn
@@ -83,7 +83,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 ALL_OPS = frozenset({"flip", "jitter", "gray", "blur", "solarize"})
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L" conversion and DALI's YIQ
 
 
 def _problem(path: str) -> str | None:
