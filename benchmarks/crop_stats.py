@@ -34,7 +34,7 @@ Stats = dict[str, dict[str, np.ndarray]]  # kind → statistic → one value per
 
 @contextlib.contextmanager
 def one_torch_thread():
-    """Small per-crop torch ops on a busy small machine: one intra-op thread is ~20× faster than spinning two."""
+    """Small per-crop torch ops on a busy small machine: intra-op threads spend more time spinning than they save."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
