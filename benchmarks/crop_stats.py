@@ -25,7 +25,7 @@ from PIL import Image
 
 from benchmarks.reference import DataAugmentationDINO
 from pipelines.folder import list_images
-from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, LUMA, MultiCropSpec
 
 STATS = ("gray", "solarised", "sharpness", "brightness", "contrast", "saturation")
 K = 4.0  # tolerance in noise units (~54 comparisons per run: a 4-sigma band keeps chance failures below 1%)
@@ -34,7 +34,7 @@ Stats = dict[str, dict[str, np.ndarray]]  # kind → statistic → one value per
 
 @contextlib.contextmanager
 def one_torch_thread():
-    """Small per-crop torch ops on a busy small machine: one intra-op thread is ~20× faster than spinning two."""
+    """Small per-crop torch ops on a busy small machine: intra-op threads spend more time spinning than they save."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -76,7 +76,7 @@ def crop_stats(crops: torch.Tensor) -> dict[str, np.ndarray]:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = crops.float().cpu() * std + mean
-    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    lum = LUMA[0] * x[:, 0] + LUMA[1] * x[:, 1] + LUMA[2] * x[:, 2]
     lap = 4 * lum[:, 1:-1, 1:-1] - lum[:, :-2, 1:-1] - lum[:, 2:, 1:-1] - lum[:, 1:-1, :-2] - lum[:, 1:-1, 2:]
     chroma = x.amax(1) - x.amin(1)
     return {"gray": (chroma.amax((1, 2)) < 1.5 / 255).double().numpy(),

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.spec import MultiCropSpec
+
 
 class ConfigError(ValueError):
     """A config key or value a user wrote is wrong; the message says which and what is expected."""
@@ -38,18 +40,21 @@ class ModelConfig:
     packed_crops: bool = False  # student: one backbone pass over all crops (per-token layers once, attention per size)
 
 
+_REFERENCE_CROPS = MultiCropSpec()  # the crop defaults are the reference augmentation's (pipelines/spec.py)
+
+
 @dataclass
 class DataConfig:
     path: str = ""  # image folder (class sub-folders or flat), or "demo" for the embedded demo dataset
     backend: str = "torch"  # torch | dali | ffcv
     batch_size_per_gpu: int = 64
     num_workers: int = 10
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    local_crops_number: int = 8
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels (the reference's, for 224 px)
+    global_crop_size: int = _REFERENCE_CROPS.global_size
+    local_crop_size: int = _REFERENCE_CROPS.local_size
+    local_crops_number: int = _REFERENCE_CROPS.n_local
+    global_crops_scale: tuple[float, float] = _REFERENCE_CROPS.global_scale
+    local_crops_scale: tuple[float, float] = _REFERENCE_CROPS.local_scale
+    blur_sigma: tuple[float, float] = _REFERENCE_CROPS.blur_sigma  # Gaussian blur σ range in pixels (for 224 px)
     demo_image_size: int = 64  # side of the generated demo images
     demo_images_per_class: int = 300
     ffcv_path: str = ""  # .beton written by dino-fast-convert (data.backend=ffcv)

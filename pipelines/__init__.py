@@ -1,5 +1,10 @@
-"""Data pipelines: the reference multi-crop spec, the baseline torch loader, and the fast backends."""
+"""Data pipelines, read in the direction the data flows:
 
-from pipelines.spec import MultiCropBatch, MultiCropSpec
+- ``folder`` lists an image folder; ``convert`` writes it to a ``.beton`` for FFCV;
+- ``spec`` is the reference multi-crop augmentation as data; ``loader`` is the loader contract (one constructor,
+  the batch every backend yields, the shared epoch order and seeds); ``build`` makes the backend a config names;
+- the backends: ``torch_loader`` (the reference on PIL, the baseline), ``dali``, ``ffcv`` (its decode-once crop op
+  in ``ffcv_ops``, its photometric chain in ``photometric`` driven by ``gpu_augment``).
 
-__all__ = ["MultiCropBatch", "MultiCropSpec"]
+Importing this package imports nothing else, so ``dino_fast.config`` can read the crop defaults from ``spec``.
+"""

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from pipelines.folder import DataError, ImageList, list_images, read_file_list
-from pipelines.spec import MultiCropLoader, MultiCropSpec
+from pipelines.loader import MultiCropLoader
+from pipelines.spec import MultiCropSpec
 
 
 def resolve_data_path(data_cfg, split: str = "train") -> Path:
@@ -32,26 +33,22 @@ def resolve_data_path(data_cfg, split: str = "train") -> Path:
 
 def build_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device: torch.device | str = "cpu", images: ImageList | None = None) -> MultiCropLoader:
-    """The loader of ``data_cfg.backend`` yielding the batch contract of ``pipelines.spec``."""
-    spec = MultiCropSpec.from_config(data_cfg)
-    device = torch.device(device)
+    """The loader of ``data_cfg.backend``, built with the one constructor of the loader contract
+    (``pipelines.loader``): the backend's source, then the same arguments for every backend."""
     backend = data_cfg.backend
+    if backend not in ("torch", "dali", "ffcv"):
+        raise DataError(f"data.backend='{backend}' is not one of torch, dali, ffcv")
     if backend == "ffcv":
-        from pipelines.ffcv import FFCVMultiCropLoader
+        from pipelines.ffcv import FFCVMultiCropLoader as Backend
 
-        return FFCVMultiCropLoader(data_cfg, spec, rank=rank, world_size=world_size, seed=seed, device=device)
-    if images is None and data_cfg.file_list:  # the checked list dino-fast-convert wrote: no folder scan
-        images = read_file_list(data_cfg.file_list)
-    if images is None:
-        images = list_images(resolve_data_path(data_cfg, "train"))
-    if backend == "torch":
-        from pipelines.torch_loader import TorchMultiCropLoader
-
-        return TorchMultiCropLoader(images, spec, data_cfg.batch_size_per_gpu, data_cfg.num_workers, rank,
-                                    world_size, seed, pin_memory=device.type == "cuda")
-    if backend == "dali":
-        from pipelines.dali import DaliMultiCropLoader
-
-        return DaliMultiCropLoader(images, spec, data_cfg.batch_size_per_gpu, data_cfg.num_workers, rank,
-                                   world_size, seed, device=device)
-    raise DataError(f"data.backend='{backend}' is not one of torch, dali, ffcv")
+        source = data_cfg.ffcv_path
+    else:
+        if images is None and data_cfg.file_list:  # the checked list dino-fast-convert wrote: no folder scan
+            images = read_file_list(data_cfg.file_list)
+        source = images if images is not None else list_images(resolve_data_path(data_cfg, "train"))
+        if backend == "torch":
+            from pipelines.torch_loader import TorchMultiCropLoader as Backend
+        else:
+            from pipelines.dali import DaliMultiCropLoader as Backend
+    return Backend(source, MultiCropSpec.from_config(data_cfg), data_cfg.batch_size_per_gpu, data_cfg.num_workers,
+                   rank, world_size, seed, device)

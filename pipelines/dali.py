@@ -52,7 +52,7 @@ Bad files: DALI stops the whole pipeline on a file it cannot decode, so the list
 built (:func:`check_images`): each file is opened with PIL and verified (header, PNG checksums), and a JPEG must
 end with its end-of-image marker (catches truncated downloads, which the PIL header check does not). Unreadable
 files are dropped with one warning that gives their count and the first few paths; the check reads the headers
-with a thread pool (on the order of 0.1 ms per image on a local disk).
+with a thread pool.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ import torch
 from PIL import Image
 
 from pipelines.folder import DataError, ImageList
-from pipelines.spec import CropSpec, MultiCropBatch, MultiCropSpec
+from pipelines.loader import MultiCropBatch, MultiCropLoader, derive_seed
+from pipelines.spec import LUMA, CropSpec, MultiCropSpec
 
 try:
     import nvidia.dali.fn as fn
@@ -82,7 +83,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 ALL_OPS = frozenset({"flip", "jitter", "gray", "blur", "solarize"})
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L" conversion and DALI's YIQ
 
 
 def _problem(path: str) -> str | None:
@@ -162,10 +162,8 @@ def _colour(crop, spec: MultiCropSpec, ops: Collection[str]):
     jitter = _coin(spec.jitter_p) if "jitter" in ops else None
     gray = _coin(spec.gray_p) if "gray" in ops else None
     if jitter is not None:
-        b = fn.random.uniform(range=(max(0.0, 1 - spec.brightness), 1 + spec.brightness))
-        c = fn.random.uniform(range=(max(0.0, 1 - spec.contrast), 1 + spec.contrast))
-        s = fn.random.uniform(range=(max(0.0, 1 - spec.saturation), 1 + spec.saturation))
-        h = fn.random.uniform(range=(-spec.hue, spec.hue))  # in turns, as torchvision's hue factor
+        # brightness, contrast, saturation factors and the hue shift in turns (as torchvision's hue factor)
+        b, c, s, h = [fn.random.uniform(range=bounds) for bounds in spec.jitter_ranges()]
         if jitter:
             crop = colour_jitter(crop, b, c, s, h)
     if gray is not None:
@@ -250,7 +248,7 @@ def multicrop_pipeline(files: list[str], labels: list[int], spec: MultiCropSpec,
 
 def rank_seed(seed: int, rank: int) -> int:
     """The augmentation seed of ``rank``: distinct per rank, fixed by the run seed."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] & 0x7FFF_FFFF)
+    return derive_seed(seed, rank) & 0x7FFF_FFFF
 
 
 def build_pipeline(images: ImageList, spec: MultiCropSpec, batch_size: int, num_threads: int, rank: int,
@@ -271,43 +269,28 @@ def build_pipeline(images: ImageList, spec: MultiCropSpec, batch_size: int, num_
     return pipe
 
 
-class DaliMultiCropLoader:
-    """Batches of :class:`MultiCropBatch` from a DALI pipeline (see the module docstring and ``pipelines.spec``).
+class DaliMultiCropLoader(MultiCropLoader):
+    """Batches of :class:`MultiCropBatch` from a DALI pipeline (the constructor and the batch: ``pipelines.loader``;
+    the graph: the module docstring).
 
     ``ops`` (tests only) leaves out photometric ops; the production graph is built by the same code with all of them.
     """
 
-    def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int, rank: int,
-                 world_size: int, seed: int, device: torch.device, *, ops: Collection[str] = ALL_OPS,
-                 hw_decoder_load: float = HW_DECODER_LOAD):
+    def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu", *,
+                 ops: Collection[str] = ALL_OPS, hw_decoder_load: float = HW_DECODER_LOAD):
         images = check_images(images, threads=max(4, num_workers))
-        self.spec, self.batch_size = spec, batch_size
-        self.device = torch.device(device)
-        self.steps_per_epoch = (len(images.files) // world_size) // batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(images.files)} images in '{images.root}' are fewer than one batch per rank "
-                f"({batch_size} × {world_size} ranks): lower data.batch_size_per_gpu or add images"
-            )
+        super().__init__(len(images.files), images.root, spec, batch_size, num_workers, rank, world_size, seed, device)
         self.pipe = build_pipeline(images, spec, batch_size, num_workers, rank, world_size, seed, self.device, ops,
                                    hw_decoder_load=hw_decoder_load)
         meta = self.pipe.reader_meta("Reader")
         # every shard is padded to the same length, then to whole batches: that many runs make one reader epoch
         self.runs_per_epoch = math.ceil(meta["epoch_size_padded"] / meta["number_of_shards"] / batch_size)
         self._runs_done = 0  # runs into the current reader epoch
-        self.epoch, self.start_step = 0, 0
         if rank == 0:
             decode = "nvJPEG on the GPU (mixed)" if self.device.type == "cuda" else "libjpeg-turbo on the CPU"
             print(f"dali loader: {len(images.files)} images in {images.root}, decode once with {decode}, "
                   f"{max(1, num_workers)} threads, {self.steps_per_epoch} steps/epoch", flush=True)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step} is outside the epoch's 0..{self.steps_per_epoch} steps")
-        self.epoch, self.start_step = epoch, start_step
 
     def _run(self):
         """One pipeline run; on a GPU its outputs are ordered on torch's current stream (no host wait)."""

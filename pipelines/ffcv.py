@@ -7,14 +7,15 @@ parameters on ``device`` (torch ops on CUDA, the fused numba kernel on CPU), yie
 ``pipelines.spec``.
 
 Sharding: FFCV's ``distributed=True`` needs an initialised torch.distributed and shuffles with its own sampler;
-instead every rank reads ``pipelines.torch_loader.epoch_indices`` (one permutation per epoch, rank r takes every
-world-th index), through a custom FFCV traversal order. Shuffle, crops and photometric draws are therefore the same
-functions of (seed, epoch, step) as in an uninterrupted run when ``set_epoch(epoch, start_step)`` resumes.
+instead every rank reads the loader contract's epoch order (``pipelines.loader.epoch_indices``: one permutation per
+epoch, rank r takes every world-th index), through a custom FFCV traversal order. Shuffle, crops and photometric
+draws are therefore the same functions of (seed, epoch, step) as in an uninterrupted run when
+``set_epoch(epoch, start_step)`` resumes.
 
-Costs to know: the numba pipeline compiles on the first batch of a new loader (~5-15 s on a small CPU; the per-image
-helpers and the photometric kernel are cached on disk by numba, the FFCV closures are not). FFCV honours
-``NUMBA_DISABLE_JIT=1`` (pure Python, for debugging). FFCV's ``Compiler.set_num_threads`` also sets torch's
-intra-op thread count to the loader's thread count.
+Costs to know: the numba pipeline compiles on the first batch of a new loader (the per-image helpers and the
+photometric kernel are cached on disk by numba, the FFCV closures are not, so every new loader pays that compile).
+FFCV honours ``NUMBA_DISABLE_JIT=1`` (pure Python, for debugging). FFCV's ``Compiler.set_num_threads`` also sets
+torch's intra-op thread count to the loader's thread count.
 """
 
 from __future__ import annotations
@@ -29,27 +30,24 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.folder import DataError
 from pipelines.gpu_augment import PhotometricAugment
-from pipelines.spec import MultiCropBatch, MultiCropSpec
-from pipelines.torch_loader import epoch_indices
+from pipelines.loader import MultiCropBatch, MultiCropLoader
+from pipelines.spec import MultiCropSpec
 
 
 class _EpochOrder(TraversalOrder):
-    """FFCV traversal order: this rank's ``epoch_indices`` of the epoch set by the loader, from ``start_step`` on.
+    """FFCV traversal order: the epoch order of our loader (its epoch and ``start_step`` at the time FFCV asks).
 
-    FFCV calls ``order(loader)`` when the loader is built, so the instance hands itself back from ``__call__``.
+    FFCV calls ``order(loader)`` when its loader is built, so the instance hands itself back from ``__call__``.
     """
 
-    def __init__(self, n: int, seed: int, rank: int, world_size: int, batch_size: int, steps: int):
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.batch_size, self.steps = batch_size, steps
-        self.epoch, self.start_step = 0, 0
+    def __init__(self, owner: MultiCropLoader):
+        self.owner = owner
 
-    def __call__(self, loader) -> _EpochOrder:
+    def __call__(self, ffcv_loader) -> _EpochOrder:
         return self
 
     def sample_order(self, _ffcv_epoch: int) -> np.ndarray:
-        idx = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world_size)
-        return idx[self.start_step * self.batch_size:self.steps * self.batch_size].astype(np.int64)
+        return self.owner.epoch_order().astype(np.int64)
 
 
 def _next_batch(it) -> tuple[np.ndarray, np.ndarray]:
@@ -94,17 +92,15 @@ def open_beton(path: str):
     return reader
 
 
-class FFCVMultiCropLoader:
-    """Batches of :class:`MultiCropBatch` from ``data_cfg.ffcv_path`` (see the batch contract in ``pipelines.spec``).
+class FFCVMultiCropLoader(MultiCropLoader):
+    """Batches of :class:`MultiCropBatch` from a ``.beton`` (the constructor and the batch: ``pipelines.loader``).
 
     Args:
-        data_cfg: a :class:`dino_fast.config.DataConfig` (ffcv_path, batch_size_per_gpu, num_workers).
-        spec: the multi-crop augmentation.
-        rank, world_size, seed: sharding and randomness keys. device: where the augmented batch is produced.
+        path: the ``.beton`` written by ``dino-fast-convert`` (``data.ffcv_path``); the rest as every backend.
     """
 
-    def __init__(self, data_cfg, spec: MultiCropSpec, *, rank: int, world_size: int, seed: int,
-                 device: torch.device):
+    def __init__(self, path: str, spec: MultiCropSpec, batch_size: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu"):
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
@@ -112,46 +108,33 @@ class FFCVMultiCropLoader:
         from pipelines.ffcv_ops import MultiCropDecoder, unpack
 
         self._unpack = unpack
-        reader = open_beton(data_cfg.ffcv_path)
-        self.path, self.spec, self.device = str(data_cfg.ffcv_path), spec, torch.device(device)
-        self.num_images = int(reader.num_samples)
-        self.batch_size = data_cfg.batch_size_per_gpu
-        self.steps_per_epoch = (self.num_images // world_size) // self.batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(f"{self.num_images} images in '{self.path}' are fewer than one batch per rank "
-                            f"({self.batch_size} × {world_size} ranks): lower data.batch_size_per_gpu or add images")
+        reader = open_beton(path)
+        self.path = str(path)
+        super().__init__(int(reader.num_samples), self.path, spec, batch_size, num_workers, rank, world_size, seed,
+                         device)
         # numba refuses more threads than NUMBA_NUM_THREADS (the CPU count by default)
-        self.threads = max(1, min(data_cfg.num_workers, numba.config.NUMBA_NUM_THREADS))
+        self.threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
         if numba.config.THREADING_LAYER == "default":
             # FFCV's thread and the CPU photometric kernel launch parallel regions concurrently: numba's fallback
             # "workqueue" layer aborts on that, so ask for TBB or OpenMP (read at numba's first parallel launch)
             numba.config.THREADING_LAYER = "threadsafe"
-        self.order = _EpochOrder(self.num_images, seed, rank, world_size, self.batch_size, self.steps_per_epoch)
+        self.order = _EpochOrder(self)
         self.decoder = MultiCropDecoder(spec, seed)
-        self.loader = Loader(self.path, batch_size=self.batch_size, num_workers=self.threads, order=self.order,
+        self.loader = Loader(self.path, batch_size=batch_size, num_workers=self.threads, order=self.order,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": PipelineSpec("label", decoder=IntDecoder())}, drop_last=True,
                              batches_ahead=2)
         self.augment = PhotometricAugment(spec, self.device, seed, rank)
-        self.epoch, self.start_step = 0, 0
         if rank == 0:
             jit = "off (NUMBA_DISABLE_JIT)" if numba.config.DISABLE_JIT else "on"
             print(f"ffcv loader: {self.num_images} images in {self.path}, decode-once multi-crop op "
                   f"({self.threads} numba threads, JIT {jit}), photometric={self.augment.impl} on {self.device}",
                   flush=True)
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Fix the shuffle, crops and photometric draws of ``epoch``; skip its first ``start_step`` batches."""
-        self.epoch, self.start_step = epoch, start_step
-
     def iter_uint8(self):
         """The epoch's batches before photometric augmentation: ``(step, globals [B, 2, G, G, 3] uint8,
         locals [B, N, L, L, 3] uint8, labels [B] int64)`` as CPU tensors viewing FFCV's buffers; FFCV may overwrite
         a batch's buffer as soon as the next batch is fetched, so consume (copy) each batch before that."""
-        self.order.epoch, self.order.start_step = self.epoch, self.start_step
         self.decoder.set_epoch(self.epoch)
         it = iter(self.loader)
         try:

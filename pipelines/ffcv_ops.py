@@ -1,30 +1,23 @@
-"""Numba code of the FFCV backend: the decode-once multi-crop Operation and the fused CPU photometric kernel.
+"""The decode-once multi-crop Operation of the FFCV backend (:class:`MultiCropDecoder`), in numba.
 
-Multi-crop decode (:class:`MultiCropDecoder`)
----------------------------------------------
 FFCV's ``RandomResizedCropRGBImageDecoder`` decodes the JPEG once per pipeline, so 2 + N crop pipelines decode it
 2 + N times. This Operation decodes each image **once** (``ffcv.libffcv.imdecode``, libjpeg-turbo), transposes it
 once, and cuts every crop from it with the reference's interpolation: PIL's bicubic resize with its antialiasing
 support, bit-exact (``pipelines.bicubic``: numba, vectorised), with the flip (p = ``spec.flip_p``) folded into the
-resize. (FFCV's own compiled resize is OpenCV ``INTER_AREA``, whose crops are ~10% less sharp than the reference's.)
+resize. (FFCV's own compiled resize is OpenCV ``INTER_AREA``, whose crops are less sharp than the reference's.)
 
 Output layout: FFCV gives one output per pipeline, so all crops of one image are packed into one flat uint8 row of
 ``2·G² ·3 + N·L²·3`` bytes: the two globals as ``[2, G, G, 3]`` (HWC) followed by the locals as ``[N, L, L, 3]``.
 :func:`unpack` turns the batch ``[B, row]`` into ``[B, 2, G, G, 3]`` and ``[B, N, L, L, 3]`` views without copying.
 
 Randomness: crop boxes and flips use torchvision's RandomResizedCrop.get_params algorithm (as
-``pipelines.torch_loader.sample_resized_crop``) on numba's MT19937, **re-seeded for every image** from
-``(seed, epoch, image index)``. A crop is therefore a pure function of that key: the same with or without numba JIT,
-on any number of threads or ranks, and when a run resumes mid-epoch. The epoch reaches the compiled code through a
-small numpy array read by address each batch (numba freezes captured arrays as compile-time constants).
+``pipelines.torch_loader.sample_resized_crop``) on numba's MT19937, **re-seeded for every image** with the loader
+contract's ``sample_seed(seed, epoch, image index)``. A crop is therefore a pure function of that key: the same with
+or without numba JIT, on any number of threads or ranks, and when a run resumes mid-epoch. The epoch reaches the
+compiled code through a small numpy array read by address each batch (numba freezes captured arrays as compile-time
+constants).
 
-CPU photometric kernel (:func:`photometric_cpu`)
------------------------------------------------
-The batched torch ops of ``pipelines.gpu_augment`` cost ~35 ms per image (2×224 + 8×96) on a 2-core CPU: each op is
-a few memory-bound passes over the whole batch, slower than the baseline loader. On CPU the same explicit per-sample
-parameters are applied by this kernel instead, ~3 ms per image: one crop at a time while it sits in cache, loops
-vectorised over a plane, in parallel over crops. Tests check it against the torch ops, which are themselves checked
-against torchvision.
+The photometric chain that follows (colour jitter, grayscale, blur, solarize) is ``pipelines.photometric``.
 """
 
 from __future__ import annotations
@@ -44,25 +37,11 @@ from ffcv.pipeline.state import State
 from numba.core import types
 
 from pipelines.bicubic import resize_crop, transpose_image
+from pipelines.loader import sample_seed
 from pipelines.spec import MultiCropSpec
 
-_MASK32 = 0xFFFFFFFF
-
-
-@numba.njit(cache=True)
-def _mix32(x: int) -> int:
-    """A 32-bit integer hash (all products stay below 2^63, so it is exact in numba's int64 and in Python)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    return (x >> 16) ^ x
-
-
-@numba.njit(cache=True)
-def sample_key(seed: int, epoch: int, index: int) -> int:
-    """The 32-bit RNG seed of image ``index`` in ``epoch`` of a run seeded with ``seed``."""
-    h = _mix32(seed & _MASK32)
-    h = _mix32((h + (epoch & _MASK32)) & _MASK32)
-    return _mix32((h + (index & _MASK32)) & _MASK32)
+# the loader contract's per-image seed, compiled (it is plain integer arithmetic)
+sample_key = numba.njit(cache=True)(sample_seed)
 
 
 @numba.njit(cache=True)
@@ -218,139 +197,3 @@ class MultiCropDecoder(Operation):
 
         decode.is_parallel = True
         return decode
-
-
-# ---------------------------------------------------------------- CPU photometric kernel (one crop per iteration)
-# Loops run over one plane of a [3, S·S] float32 crop with float32 constants so that LLVM vectorises them.
-
-_F0, _F1, _F2, _F4, _F6 = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(4.0), np.float32(6.0)
-_WR, _WG, _WB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
-
-
-@numba.njit(cache=True, fastmath=True)
-def _jitter_op(img, op, f):
-    """One colour-jitter op on a ``[3, P]`` crop in place: 0 brightness, 1 contrast, 2 saturation, 3 hue."""
-    r, g, b = img[0], img[1], img[2]
-    n = r.size
-    f = np.float32(f)
-    if op == 0:
-        for i in range(n):
-            r[i], g[i], b[i] = min(max(f * r[i], _F0), _F1), min(max(f * g[i], _F0), _F1), min(max(f * b[i], _F0), _F1)
-    elif op == 1:  # blend with the mean of the grayscale image
-        acc = 0.0
-        for i in range(n):
-            acc += _WR * r[i] + _WG * g[i] + _WB * b[i]
-        o = (_F1 - f) * np.float32(acc / n)
-        for i in range(n):
-            r[i], g[i], b[i] = min(max(f * r[i] + o, _F0), _F1), min(max(f * g[i] + o, _F0), _F1), \
-                min(max(f * b[i] + o, _F0), _F1)
-    elif op == 2:  # blend with the grayscale pixel
-        for i in range(n):
-            o = (_F1 - f) * (_WR * r[i] + _WG * g[i] + _WB * b[i])
-            r[i], g[i], b[i] = min(max(f * r[i] + o, _F0), _F1), min(max(f * g[i] + o, _F0), _F1), \
-                min(max(f * b[i] + o, _F0), _F1)
-    else:  # hue: the closed form of gpu_augment.adjust_hue, branch-free per pixel
-        shift = _F6 * f
-        for i in range(n):
-            rr, gg, bb = r[i], g[i], b[i]
-            mx, mn = max(rr, max(gg, bb)), min(rr, min(gg, bb))
-            d = mx - mn
-            inv = _F1 / d if d > _F0 else _F0
-            h6 = (gg - bb) * inv if mx == rr else ((_F2 + (bb - rr) * inv) if mx == gg else _F4 + (rr - gg) * inv)
-            h6 += shift
-            r[i] = mx - d * _hue_weight(h6 + np.float32(5.0))
-            g[i] = mx - d * _hue_weight(h6 + np.float32(3.0))
-            b[i] = mx - d * _hue_weight(h6 + _F1)
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _hue_weight(k):
-    """clamp(min(k, 4 − k), 0, 1) with k taken mod 6 (k ∈ (−6, 12) here)."""
-    k = k - _F6 if k >= _F6 else k
-    k = k + _F6 if k < _F0 else k
-    return min(max(min(k, _F4 - k), _F0), _F1)
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _axpy(dst, a, src):
-    for i in range(dst.size):  # contiguous 0-based loop: vectorised
-        dst[i] += a * src[i]
-
-
-@numba.njit(cache=True, fastmath=True)
-def _blur(img, size, sigma, radius, tmp):
-    """Separable Gaussian blur of a ``[3, S·S]`` crop in place, 2·radius + 1 taps, reflect padding (torchvision)."""
-    taps = 2 * radius + 1
-    w = np.empty(taps, dtype=np.float32)
-    total = 0.0
-    for k in range(taps):
-        total += math.exp(-0.5 * ((k - radius) / sigma) ** 2)
-    for k in range(taps):
-        w[k] = math.exp(-0.5 * ((k - radius) / sigma) ** 2) / total
-    inner = size - 2 * radius  # output columns whose taps all fall inside the row
-    for ch in range(3):
-        plane, t = img[ch].reshape(size, size), tmp.reshape(size, size)
-        for y in range(size):  # horizontal
-            row, out = plane[y], t[y]
-            out[:] = _F0
-            if inner > 0:
-                for k in range(taps):
-                    _axpy(out[radius:radius + inner], w[k], row[k:k + inner])
-            for x in range(size):
-                if inner > 0 and radius <= x < size - radius:
-                    continue
-                acc = _F0
-                for k in range(taps):
-                    j = x + k - radius
-                    j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)
-                    acc += w[k] * row[j]
-                out[x] = acc
-        for y in range(size):  # vertical: whole rows, reflected row index
-            out = plane[y]
-            out[:] = _F0
-            for k in range(taps):
-                j = y + k - radius
-                j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)
-                _axpy(out, w[k], t[j])
-
-
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def photometric_cpu(src, out, jitter, order, factors, gray, blur_sigma, blur_radius, solarize, threshold,
-                    mean, std):
-    """Photometric augmentation of one crop type, parameters explicit per row (see ``gpu_augment.PhotometricParams``).
-
-    Args:
-        src: uint8 ``[B, C, S, S, 3]`` crops (HWC); row ``r = c·B + b`` is crop c of image b.
-        out: float32 ``[C, B, 3, S, S]``, written with the normalised result.
-        jitter, gray, solarize: bool ``[C·B]``; order: int64 ``[C·B, 4]``; factors: float32 ``[C·B, 4]``
-            (brightness, contrast, saturation, hue); blur_sigma: float32 ``[C·B]``; blur_radius: int64 ``[C·B]``
-            (0 = no blur); threshold: solarize threshold in [0, 1]; mean, std: float32 ``[3]``.
-    """
-    n_img, n_crop, size = src.shape[0], src.shape[1], src.shape[2]
-    for r in numba.prange(n_crop * n_img):
-        c, b = r // n_img, r % n_img
-        img = out[c, b].reshape(3, size * size)
-        pix = src[b, c]
-        for y in range(size):
-            for x in range(size):
-                for ch in range(3):
-                    img[ch, y * size + x] = np.float32(pix[y, x, ch]) / np.float32(255.0)
-        if jitter[r]:
-            for k in range(4):
-                _jitter_op(img, order[r, k], factors[r, order[r, k]])
-        if gray[r]:
-            for i in range(size * size):
-                v = _WR * img[0, i] + _WG * img[1, i] + _WB * img[2, i]
-                img[0, i], img[1, i], img[2, i] = v, v, v
-        if blur_radius[r] > 0:
-            _blur(img, size, blur_sigma[r], blur_radius[r], np.empty(size * size, dtype=np.float32))
-        for ch in range(3):
-            m, inv_s = mean[ch], np.float32(1.0) / std[ch]
-            plane = img[ch]
-            if solarize[r]:
-                for i in range(size * size):
-                    v = plane[i]
-                    plane[i] = ((_F1 - v if v >= threshold else v) - m) * inv_s
-            else:
-                for i in range(size * size):
-                    plane[i] = (plane[i] - m) * inv_s

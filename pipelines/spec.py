@@ -1,46 +1,21 @@
-"""The reference multi-crop augmentation as data, and the batch contract every loader backend yields.
+"""The reference multi-crop augmentation as data (DINO_SPEC "Multi-crop augmentation"), shared by every backend.
 
-Batch contract (every backend: ``torch``, ``dali``, ``ffcv``)
------------------------------------------------------------
-Iterating a loader yields :class:`MultiCropBatch` ``(crops, labels)``:
-
-- ``crops``: a list of ``2 + n_local`` float32 tensors in crop order G1, G2, L1..LN. Globals are
-  ``[B, 3, global_size, global_size]``, locals ``[B, 3, local_size, local_size]``; normalised with the ImageNet
-  mean/std (so a pixel of value v in [0, 1] becomes (v − mean) / std). Row b of every crop comes from the same image.
-- ``labels``: int64 ``[B]``, the class index of each image (its sub-folder in sorted order), ``-1`` for a flat folder.
-- Tensors are on the device the backend produces them on (the GPU for DALI ``mixed`` / FFCV GPU augmentation,
-  else the CPU); the trainer moves them with ``non_blocking=True``.
-
-A loader object also has ``steps_per_epoch`` (== ``len(loader)``; the last incomplete batch is dropped) and
-``set_epoch(epoch, start_step=0)``, which must be called before iterating an epoch: it fixes the shuffle of that
-epoch (seeded from the run seed and the epoch) and skips the first ``start_step`` batches when resuming mid-epoch.
+The loaders that apply it, and the batch they yield, are defined by the loader contract in ``pipelines.loader``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
-
-import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class MultiCropBatch(NamedTuple):
-    crops: list[torch.Tensor]
-    labels: torch.Tensor
-
-
-class MultiCropLoader(Protocol):
-    steps_per_epoch: int
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
-
-    def __iter__(self): ...
-
-    def __len__(self) -> int: ...
+# The luma of grayscale (and of contrast and saturation, which blend with it). The reference converts PIL images,
+# whose "L" mode is R·299/1000 + G·587/1000 + B·114/1000 (ITU-R 601); DALI's GRAY conversion uses it too.
+LUMA = (0.299, 0.587, 0.114)
+# torchvision's tensor ops round the red weight to 0.2989. The batched photometric ops (pipelines.photometric) are
+# checked against those tensor ops to within 1e-6 (tests/test_gpu_augment.py), so they use this rounding.
+LUMA_TORCHVISION = (0.2989, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -66,10 +41,7 @@ class MultiCropSpec:
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip_p: float = 0.5
     jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     gray_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # G1, G2, locals
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -81,6 +53,12 @@ class MultiCropSpec:
     @property
     def n_crops(self) -> int:
         return 2 + self.n_local
+
+    def jitter_ranges(self) -> tuple[tuple[float, float], ...]:
+        """The uniform ranges torchvision's ColorJitter draws from: the brightness, contrast and saturation factors
+        (``[max(0, 1 − x), 1 + x]``) and the hue shift in turns (``[−x, x]``)."""
+        brightness, contrast, saturation, hue = self.jitter
+        return tuple((max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)) + ((-hue, hue),)
 
     def crops(self) -> list[CropSpec]:
         """The crops in output order G1, G2, L1..LN."""

@@ -4,7 +4,8 @@ This is the algorithm of the reference repository (torchvision ops on PIL, DINO_
 and the baseline every fast backend is benchmarked against. Two deliberate differences, neither numeric:
 
 - every random draw of one sample comes from a ``torch.Generator`` seeded by (run seed, epoch, image index)
-  instead of the global RNGs, so a run resumed mid-epoch sees exactly the crops an uninterrupted run sees;
+  (``pipelines.loader.sample_seed``) instead of the global RNGs, so a run resumed mid-epoch sees exactly the crops
+  an uninterrupted run sees;
 - an unreadable image is replaced by the next readable one with a warning instead of killing the run.
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.folder import DataError, ImageList
-from pipelines.spec import CropSpec, MultiCropBatch, MultiCropSpec
+from pipelines.loader import MultiCropBatch, MultiCropLoader, sample_seed
+from pipelines.spec import CropSpec, MultiCropSpec
 from pipelines.workers import ignore_interrupts, report_worker_failures_at_next
 
 
@@ -55,10 +56,7 @@ def sample_resized_crop(height: int, width: int, scale: tuple[float, float], rat
 def color_jitter(img: Image.Image, spec: MultiCropSpec, gen: torch.Generator) -> Image.Image:
     """torchvision ColorJitter: four factors drawn, then applied in a random order."""
     order = torch.randperm(4, generator=gen).tolist()
-    b = _uniform(gen, max(0.0, 1 - spec.brightness), 1 + spec.brightness)
-    c = _uniform(gen, max(0.0, 1 - spec.contrast), 1 + spec.contrast)
-    s = _uniform(gen, max(0.0, 1 - spec.saturation), 1 + spec.saturation)
-    h = _uniform(gen, -spec.hue, spec.hue)
+    b, c, s, h = (_uniform(gen, lo, hi) for lo, hi in spec.jitter_ranges())
     for op in order:
         if op == 0:
             img = TF.adjust_brightness(img, b)
@@ -90,8 +88,7 @@ def augment_crop(img: Image.Image, crop: CropSpec, spec: MultiCropSpec, gen: tor
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
 class MultiCropDataset(Dataset):
@@ -132,44 +129,17 @@ def collate(samples) -> MultiCropBatch:
     return MultiCropBatch(crops, torch.tensor([s[1] for s in samples], dtype=torch.int64))
 
 
-def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's shuffled indices for ``epoch``: one permutation for all ranks (seeded by seed, epoch), cut to a
-    multiple of world_size, rank r takes positions r, r + world, ... (as torch's DistributedSampler)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    per_rank = n // world_size
-    return perm[: per_rank * world_size][rank::world_size]
+class TorchMultiCropLoader(MultiCropLoader):
+    """Batches of :class:`MultiCropBatch` from an image list (the constructor and the batch: ``pipelines.loader``)."""
 
-
-class TorchMultiCropLoader:
-    """Batches of :class:`MultiCropBatch` from an image folder (see the batch contract in ``pipelines.spec``)."""
-
-    def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int = 0,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False):
+    def __init__(self, images: ImageList, spec: MultiCropSpec, batch_size: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu"):
+        super().__init__(len(images.files), images.root, spec, batch_size, num_workers, rank, world_size, seed, device)
         self.dataset = MultiCropDataset(images, spec, seed)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.pin_memory = pin_memory
-        per_rank = len(images.files) // world_size
-        self.steps_per_epoch = per_rank // batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(images.files)} images in '{images.root}' are fewer than one batch per rank "
-                f"({batch_size} × {world_size} ranks): lower data.batch_size_per_gpu or add images"
-            )
-        self.epoch, self.start_step = 0, 0
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
 
     def batch_keys(self) -> list[list[tuple[int, int]]]:
-        idx = epoch_indices(len(self.dataset), self.seed, self.epoch, self.rank, self.world_size)
-        b = self.batch_size
-        return [[(int(i), self.epoch) for i in idx[s * b:(s + 1) * b]] for s in range(self.start_step,
-                                                                                   self.steps_per_epoch)]
+        order = self.epoch_order().reshape(-1, self.batch_size)
+        return [[(int(i), self.epoch) for i in batch] for batch in order]
 
     def __iter__(self):
         loader = DataLoader(
@@ -177,7 +147,7 @@ class TorchMultiCropLoader:
             batch_sampler=self.batch_keys(),
             num_workers=self.num_workers,
             collate_fn=collate,
-            pin_memory=self.pin_memory,
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # keeps the global RNG (drop-path) untouched by the loader
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=ignore_interrupts if self.num_workers else None,

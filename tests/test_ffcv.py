@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_fast.config import DataConfig
 from pipelines.convert import convert_folder
 from pipelines.folder import DataError
+from pipelines.loader import epoch_indices
 from pipelines.spec import MultiCropSpec
-from pipelines.torch_loader import epoch_indices, sample_resized_crop
+from pipelines.torch_loader import sample_resized_crop
 
 from beton_reader import stored_images
 from child_env import clean_env
@@ -34,7 +34,6 @@ SPEC = MultiCropSpec(global_size=32, local_size=16, n_local=3)
 PROBE = r"""
 import json, sys
 import numpy as np, torch
-from dino_fast.config import DataConfig
 from pipelines import ffcv_ops
 from pipelines.ffcv import FFCVMultiCropLoader
 from pipelines.spec import MultiCropSpec
@@ -53,8 +52,7 @@ if ffcv_ops.numba.config.DISABLE_JIT:  # wrap the decoder and the resize as the 
     ffcv_ops.IMDECODE, ffcv_ops.resize_crop = counting_decode, recording_resize
 
 def build(spec, path=beton):
-    cfg = DataConfig(backend="ffcv", ffcv_path=path, batch_size_per_gpu=4, num_workers=workers)
-    return FFCVMultiCropLoader(cfg, spec, rank=0, world_size=1, seed=3, device=torch.device("cpu"))
+    return FFCVMultiCropLoader(path, spec, 4, workers, rank=0, world_size=1, seed=3, device=torch.device("cpu"))
 
 def epoch_rows(loader, epoch, start=0):
     loader.set_epoch(epoch, start)
@@ -202,8 +200,7 @@ def test_clear_errors(beton, tmp_path):
     from pipelines.ffcv import FFCVMultiCropLoader
 
     def build(path: str, batch: int = 4):
-        cfg = DataConfig(backend="ffcv", ffcv_path=path, batch_size_per_gpu=batch)
-        return FFCVMultiCropLoader(cfg, SPEC, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+        return FFCVMultiCropLoader(path, SPEC, batch, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
 
     with pytest.raises(DataError, match="needs data.ffcv_path: run dino-fast-convert"):
         build("")

@@ -10,6 +10,12 @@ import torch
 import torchvision.transforms.functional as TF
 
 from pipelines import gpu_augment as ga
+from pipelines.photometric import jitter
+from pipelines.photometric.blur import blur_radius, gaussian_blur
+from pipelines.photometric.chain import apply_photometric
+from pipelines.photometric.grayscale import rgb_to_grayscale
+from pipelines.photometric.params import PhotometricParams, draw_params
+from pipelines.photometric.solarize import normalize, solarize
 from pipelines.spec import MultiCropSpec
 
 
@@ -29,27 +35,27 @@ def test_jitter_ops_equal_torchvision(name):
         params = torch.rand(6, generator=g) - 0.5
     else:
         params = torch.rand(6, generator=g) * 1.5 + 0.2
-    ours = getattr(ga, f"adjust_{name}")(x, params)
+    ours = getattr(jitter, f"adjust_{name}")(x, params)
     ref = torch.stack([getattr(TF, f"adjust_{name}")(x[i], float(params[i])) for i in range(6)])
     torch.testing.assert_close(ours, ref, atol=2e-6, rtol=0)
 
 
 def test_grayscale_blur_solarize_normalize_equal_torchvision():
     x = _images()
-    torch.testing.assert_close(ga.rgb_to_grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6,
+    torch.testing.assert_close(rgb_to_grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3), atol=1e-6,
                                rtol=0)
     sigma = torch.tensor([0.1, 0.33, 0.7, 1.0, 1.5, 2.0])
-    radius = ga.blur_radius(sigma)
+    radius = blur_radius(sigma)
     assert radius.tolist() == [1, 1, 3, 3, 5, 6]  # kernel 2·ceil(3σ) + 1 taps
     ref = torch.stack([TF.gaussian_blur(x[i], [2 * int(radius[i]) + 1] * 2, [float(sigma[i])] * 2) for i in range(6)])
-    torch.testing.assert_close(ga.gaussian_blur(x, sigma), ref, atol=2e-6, rtol=0)
-    torch.testing.assert_close(ga.solarize(x, 128 / 255), TF.solarize(x, 128 / 255), atol=0, rtol=0)
+    torch.testing.assert_close(gaussian_blur(x, sigma), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(solarize(x, 128 / 255), TF.solarize(x, 128 / 255), atol=0, rtol=0)
     spec = MultiCropSpec()
-    torch.testing.assert_close(ga.normalize(x, spec.mean, spec.std), TF.normalize(x, spec.mean, spec.std),
+    torch.testing.assert_close(normalize(x, spec.mean, spec.std), TF.normalize(x, spec.mean, spec.std),
                                atol=1e-6, rtol=0)
 
 
-def _torchvision_chain(x: torch.Tensor, p: ga.PhotometricParams, spec: MultiCropSpec) -> torch.Tensor:
+def _torchvision_chain(x: torch.Tensor, p: PhotometricParams, spec: MultiCropSpec) -> torch.Tensor:
     """The reference chain, one row at a time with torchvision's functional ops."""
     names = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")
     out = []
@@ -70,7 +76,7 @@ def _torchvision_chain(x: torch.Tensor, p: ga.PhotometricParams, spec: MultiCrop
 
 
 def _params(n: int, seed: int, spec: MultiCropSpec, blur_p: float = 0.5, solarize_p: float = 0.5):
-    return ga.draw_params(n, spec, torch.full((n,), blur_p), torch.full((n,), solarize_p),
+    return draw_params(n, spec, torch.full((n,), blur_p), torch.full((n,), solarize_p),
                           torch.Generator().manual_seed(seed))
 
 
@@ -79,7 +85,7 @@ def test_torch_chain_equals_torchvision_chain():
     x = _images(n=40, h=19, w=21, seed=3)
     p = _params(40, seed=4, spec=spec)
     assert p.jitter.any() and (~p.jitter).any() and len(set(map(tuple, p.order[p.jitter].tolist()))) > 5
-    torch.testing.assert_close(ga.apply_photometric(x.clone(), p, spec), _torchvision_chain(x, p, spec),
+    torch.testing.assert_close(apply_photometric(x.clone(), p, spec), _torchvision_chain(x, p, spec),
                                atol=2e-5, rtol=0)
 
 

@@ -8,14 +8,9 @@ from PIL import Image
 
 from pipelines.build import build_loader
 from pipelines.folder import DataError, list_images
+from pipelines.loader import epoch_indices
 from pipelines.spec import MultiCropSpec
-from pipelines.torch_loader import (
-    TorchMultiCropLoader,
-    color_jitter,
-    epoch_indices,
-    sample_generator,
-    sample_resized_crop,
-)
+from pipelines.torch_loader import TorchMultiCropLoader, color_jitter, sample_generator, sample_resized_crop
 
 
 @pytest.mark.parametrize("seed", range(5))
