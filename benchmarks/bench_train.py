@@ -48,7 +48,7 @@ from benchmarks.common import environment, pick_device, print_table, results_pat
 from benchmarks.reference import ReferenceDINOLoss
 from dino_fast.config import Config, apply_overrides, load_config
 from dino_fast.models import build_student_teacher
-from dino_fast.ops.ema import ema_reference_loop
+from dino_fast.ops.reference import ema_reference_loop
 from dino_fast.optim import param_groups
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}

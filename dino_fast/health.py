@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from dino_fast.ops.reference import pair_cross_entropy
+
 ONE_HOT_FRACTION = 0.05  # one-hot collapse: entropy below 5% of its maximum ln K (0.55 nats for K = 65536)
 UNIFORM_TOLERANCE = 0.01  # uniform collapse: loss within 1% of ln K, or entropy above 99% of ln K
 UNIFORM_LOSS_ENTROPY_FRACTION = 0.9  # ... the loss test only while the teacher's targets are near-flat too
@@ -34,16 +36,10 @@ def _batch_entropy(q: torch.Tensor) -> torch.Tensor:
     return -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
 
 
-def _pair_cross_entropy(q: torch.Tensor, student_output: torch.Tensor, student_temp: float,
-                        ncrops: int) -> torch.Tensor:
-    """Mean over the loss's pairs of −Σ_k q_iq·log p_v, one student chunk at a time (so no [ncrops·B, K]
-    log-softmax is held): pairs sharing student crop v fold into Q_v = Σ_{iq≠v} q_iq."""
-    q_chunks = q.chunk(2)
-    total = q.new_zeros(())
-    for v, s_v in enumerate(student_output.detach().chunk(ncrops)):
-        targets = sum(q_chunks[iq] for iq in range(2) if iq != v)  # Q_v: the teachers paired with student crop v
-        total = total - (targets * torch.log_softmax(s_v.float() / student_temp, dim=-1)).sum(-1).mean()
-    return total / (2 * (ncrops - 1))
+def _student_kl(q: torch.Tensor, entropy: torch.Tensor, student_output: torch.Tensor, student_temp: float,
+                ncrops: int) -> torch.Tensor:
+    """Mean KL over the loss's pairs: their cross-entropy (the reference's pair loop, fp32) − H(teacher)."""
+    return pair_cross_entropy(q, student_output.detach().float(), student_temp, ncrops) - entropy
 
 
 @torch.no_grad()
@@ -79,7 +75,7 @@ def teacher_student_kl(student_output: torch.Tensor, teacher_output: torch.Tenso
     """
     logq = _teacher_log_probs(teacher_output, center, teacher_temp)
     q = logq.exp()
-    return _pair_cross_entropy(q, student_output, student_temp, ncrops) - _entropy(q, logq)
+    return _student_kl(q, _entropy(q, logq), student_output, student_temp, ncrops)
 
 
 @torch.no_grad()
@@ -110,7 +106,7 @@ def health_metrics(student_output: torch.Tensor | None, teacher_output: torch.Te
     if loss is not None:
         kl = loss.detach().float() - entropy
     elif student_output is not None:
-        kl = _pair_cross_entropy(q, student_output, student_temp, ncrops) - entropy
+        kl = _student_kl(q, entropy, student_output, student_temp, ncrops)
     else:
         raise ValueError("health_metrics needs the student logits or the loss to compute the KL")
     return {"teacher_entropy": entropy, "teacher_batch_entropy": _batch_entropy(q), "teacher_student_kl": kl,

@@ -9,7 +9,7 @@ ZeRO 0–2 flatten each optimizer param group into one bf16/fp32 tensor and re-p
 the teacher mirrors that buffer's layout, so each student buffer costs one streaming kernel over
 ``[read t, read s, write t]``. Student parameters that are not part of such a buffer go through one grouped launch
 (a table of pointers and sizes, one program per block of any tensor); anything the kernels cannot take (a
-non-contiguous student tensor, a non-fp32 teacher) falls back to the reference op. Buffers are not averaged.
+non-contiguous student tensor, a non-fp32 teacher) falls back to the reference loop. Buffers are not averaged.
 """
 
 from __future__ import annotations
@@ -19,18 +19,13 @@ from collections import OrderedDict
 
 import torch
 
+from dino_fast.ops.reference import ema_reference_loop
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is a hard dependency; the torch paths still work without it
     triton = None
-
-
-@torch.no_grad()
-def ema_reference_loop(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """The reference algorithm: one mul_/add_ pair per parameter (the baseline for benchmarks)."""
-    for t, s in zip(teacher_params, student_params):
-        t.mul_(momentum).add_((1 - momentum) * s.detach().to(t.dtype))
 
 
 @torch.no_grad()
