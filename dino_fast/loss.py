@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.select import select_impl
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
 from dino_fast.schedules import teacher_temp_schedule
-
-
-def select_loss_impl(requested: str = "auto", device: torch.device | str = "cpu") -> str:
-    """Pick the loss implementation: env ``DINO_FAST_LOSS`` > ``requested`` > auto (Triton on CUDA, else eager)."""
-    choice = os.environ.get("DINO_FAST_LOSS", requested) or "auto"
-    if choice == "auto":
-        choice = "triton" if torch.device(device).type == "cuda" and "triton" in ops.IMPLEMENTATIONS else "eager"
-    if choice not in ops.IMPLEMENTATIONS:
-        raise ValueError(f"loss implementation '{choice}' is not available (have: {', '.join(ops.IMPLEMENTATIONS)})")
-    return choice
 
 
 class DINOLoss(nn.Module):
@@ -35,7 +24,8 @@ class DINOLoss(nn.Module):
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs: per-epoch τt schedule.
         student_temp: τs.
         center_momentum: EMA factor of the center.
-        impl: "auto" | "eager" | "triton" (see :func:`select_loss_impl`).
+        impl: "auto" | "eager" | "triton"; the environment variable ``DINO_FAST_LOSS`` overrides it, auto is the
+            Triton kernels on CUDA, else eager (re-chosen when the module moves to another device).
         centering: "centering" (the reference: softmax((t − center)/τt)) or "sinkhorn_knopp" (DINOv2's doubly
             normalised targets, :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`; the center is still tracked, for the
             health metrics, but not used).
@@ -69,13 +59,17 @@ class DINOLoss(nn.Module):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.impl = select_loss_impl(impl, "cpu")
+        self.impl = self._select_impl()
 
     def _apply(self, fn, *args, **kwargs):
         # Re-pick the implementation when the module (its center) moves to another device.
         out = super()._apply(fn, *args, **kwargs)
-        self.impl = select_loss_impl(self.requested_impl, self.center.device)
+        self.impl = self._select_impl()
         return out
+
+    def _select_impl(self) -> str:
+        return select_impl("loss", ops.IMPLEMENTATIONS, self.requested_impl, self.center.device, env="DINO_FAST_LOSS",
+                           fallback="eager")
 
     def sinkhorn_targets(self, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor | None:
         """The Sinkhorn-Knopp targets [2·B, K] of this step (None with the reference centering)."""
