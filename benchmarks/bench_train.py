@@ -146,7 +146,7 @@ class OursStep:
         self.precision = resolve_precision(cfg, device)
         self.cfg = cfg
         engine, teacher, dino_loss, ema = build_training(cfg, device, 1, self.precision)
-        schedules = Schedules(cfg, 10, cfg.data.batch_size_per_gpu, dino_loss.teacher_temp_schedule)
+        schedules = Schedules(cfg, 10, cfg.data.batch_size_per_gpu)
         self.values = schedules.at(10, 1)  # epoch 1: past the default one-epoch last-layer freeze, as the reference
         self.step = make_step(cfg, engine, teacher, dino_loss, ema, self.precision, schedules, 1)
         self._pending = None

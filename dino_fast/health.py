@@ -42,6 +42,16 @@ def _student_kl(q: torch.Tensor, entropy: torch.Tensor, student_output: torch.Te
     return pair_cross_entropy(q, student_output.detach().float(), student_temp, ncrops) - entropy
 
 
+def _targets(teacher_output: torch.Tensor, center: torch.Tensor, temp: float,
+             targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, log q) of the loss's teacher targets: the given ones (rows are distributions) or the centered softmax."""
+    if targets is not None:
+        q = targets.detach().float()
+        return q, q.clamp_min(1e-30).log()
+    logq = _teacher_log_probs(teacher_output, center, temp)
+    return logq.exp(), logq
+
+
 @torch.no_grad()
 def teacher_entropy(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
     """Mean over rows of the entropy (nats) of softmax((t − center) / τt), the loss's teacher targets.
@@ -73,8 +83,7 @@ def teacher_student_kl(student_output: torch.Tensor, teacher_output: torch.Tenso
 
     Shapes: student_output [ncrops·B, K], teacher_output [2·B, K], center [1, K] → 0-dim.
     """
-    logq = _teacher_log_probs(teacher_output, center, teacher_temp)
-    q = logq.exp()
+    q, logq = _targets(teacher_output, center, teacher_temp, None)
     return _student_kl(q, _entropy(q, logq), student_output, student_temp, ncrops)
 
 
@@ -82,6 +91,20 @@ def teacher_student_kl(student_output: torch.Tensor, teacher_output: torch.Tenso
 def center_norm(center: torch.Tensor) -> torch.Tensor:
     """L2 norm of the center buffer: grows when the teacher logits drift to a common offset."""
     return center.detach().float().norm()
+
+
+@torch.no_grad()
+def teacher_health(teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float,
+                   targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The metrics of the teacher side alone: teacher_entropy, teacher_batch_entropy, center_norm (0-dim float32).
+
+    Pass the center the step's loss uses: the training step calls this before ``DINOLoss.forward``, which then
+    starts the center's update. ``targets`` (rows are distributions, e.g. Sinkhorn-Knopp's) replace the centered
+    teacher softmax when given. With the loss, KL = loss − teacher_entropy completes :func:`health_metrics`.
+    """
+    q, logq = _targets(teacher_output, center, teacher_temp, targets)
+    return {"teacher_entropy": _entropy(q, logq), "teacher_batch_entropy": _batch_entropy(q),
+            "center_norm": center_norm(center)}
 
 
 @torch.no_grad()
@@ -93,22 +116,16 @@ def health_metrics(student_output: torch.Tensor | None, teacher_output: torch.Te
     Keys: teacher_entropy, teacher_batch_entropy, teacher_student_kl, center_norm. With ``loss`` (the step's
     DINO loss) the KL is ``loss − teacher_entropy`` and the student logits are not read (``student_output`` may
     be None); without it the KL is computed from the student logits. Either way the KL is exact only with the
-    center the loss used: clone it before ``DINOLoss.forward`` updates it (the updated one is one EMA step off).
-    ``targets`` (rows are distributions, e.g. Sinkhorn-Knopp's) replace the centered teacher softmax when given.
+    center the loss used (the one before the loss's center update). ``targets`` as in :func:`teacher_health`.
     """
-    if targets is not None:
-        q = targets.detach().float()
-        logq = q.clamp_min(1e-30).log()
-    else:
-        logq = _teacher_log_probs(teacher_output, center, teacher_temp)
-        q = logq.exp()
+    if loss is None and student_output is None:
+        raise ValueError("health_metrics needs the student logits or the loss to compute the KL")
+    q, logq = _targets(teacher_output, center, teacher_temp, targets)
     entropy = _entropy(q, logq)
     if loss is not None:
         kl = loss.detach().float() - entropy
-    elif student_output is not None:
-        kl = _student_kl(q, entropy, student_output, student_temp, ncrops)
     else:
-        raise ValueError("health_metrics needs the student logits or the loss to compute the KL")
+        kl = _student_kl(q, entropy, student_output, student_temp, ncrops)
     return {"teacher_entropy": entropy, "teacher_batch_entropy": _batch_entropy(q), "teacher_student_kl": kl,
             "center_norm": center_norm(center)}
 
