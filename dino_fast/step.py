@@ -171,7 +171,7 @@ class DINOStep:
                 student_out = self.engine(crops)
         with record_function("dino:loss"):
             targets = self.dino_loss.sinkhorn_targets(teacher_out, values.teacher_temp)  # None: reference centering
-        with record_function("dino:health"):  # before the loss: it reads the center the loss uses, then updates
+        with record_function("dino:health"):  # before the loss, which updates the center: same center as the loss
             health = teacher_health(teacher_out, self.dino_loss.center, values.teacher_temp, targets)
         with record_function("dino:loss"):
             dino = self.dino_loss(student_out, teacher_out, teacher_temp=values.teacher_temp, targets=targets)
