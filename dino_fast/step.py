@@ -163,20 +163,20 @@ class DINOStep:
         """
         with record_function("dino:teacher_forward"), torch.no_grad(), self.teacher_ctx():
             teacher_out = self.teacher(crops[:2])
+            # Its targets when they are Sinkhorn-Knopp's, made with the teacher's output as dinov2 does (None with
+            # the reference centering: the loss centers and sharpens itself).
+            targets = self.dino_loss.sinkhorn_targets(teacher_out, values.teacher_temp)
         with record_function("dino:student_forward"):
             if self.koleo_weight:  # DINOv2: KoLeo on each global crop's backbone CLS features
                 features, student_out = self.engine(crops, return_backbone=True)
                 koleo = sum(koleo_loss(f) for f in features[: 2 * crops[0].shape[0]].chunk(2))
             else:
                 student_out = self.engine(crops)
-        with record_function("dino:loss"):
-            targets = self.dino_loss.sinkhorn_targets(teacher_out, values.teacher_temp)  # None: reference centering
         with record_function("dino:health"):  # before the loss, which updates the center: same center as the loss
             health = teacher_health(teacher_out, self.dino_loss.center, values.teacher_temp, targets)
         with record_function("dino:loss"):
             dino = self.dino_loss(student_out, teacher_out, teacher_temp=values.teacher_temp, targets=targets)
             total = dino + self.koleo_weight * koleo if self.koleo_weight else dino
-        with record_function("dino:health"):
             # "loss" is the DINO loss (comparable with ln K and the reference); the KoLeo term is logged apart.
             health["loss"] = dino.detach().float()
             health["teacher_student_kl"] = health["loss"] - health["teacher_entropy"]  # each pair: CE = H + KL
