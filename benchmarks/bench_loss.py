@@ -1,7 +1,7 @@
 """DINO loss benchmark: the reference pair loop, torch.compile of it, and dino_fast's fused loss.
 
 Providers (all return ``(loss, teacher_colsum)`` for the same inputs):
-  * ``reference``   the spec's 2·(ncrops−1)-pair loop (benchmarks/reference.py), eager;
+  * ``reference``   the spec's 2·(ncrops−1)-pair loop (dino_fast/ops/reference.py), eager;
   * ``compile``     ``torch.compile`` of that loop (a failure is recorded and the run goes on; a compile-time budget
                     skips the rest once spent);
   * ``ours``        ``dino_loss_triton`` on CUDA, ``dino_loss_eager`` (fused, analytic gradient) on CPU;
@@ -40,21 +40,12 @@ from benchmarks.common import (
     speedup,
     time_fn,
 )
-from benchmarks.reference import reference_dino_loss
 from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.reference import random_loss_inputs, reference_dino_loss
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
 
 TEACHER_TEMP, STUDENT_TEMP, K = 0.04, 0.1, 65536
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def make_inputs(b: int, ncrops: int, k: int, dtype: torch.dtype, device: torch.device):
-    """Head-like logits (cosine similarities in [-1, 1]) and a small non-zero center."""
-    g = torch.Generator(device=device).manual_seed(0)
-    student = (torch.rand(ncrops * b, k, generator=g, device=device) * 2 - 1).to(dtype)
-    teacher = (torch.rand(2 * b, k, generator=g, device=device) * 2 - 1).to(dtype)
-    center = torch.randn(1, k, generator=g, device=device) * 0.01
-    return student, teacher, center
 
 
 def providers(device: torch.device, ncrops: int, with_compile: bool) -> dict[str, LossFn]:
@@ -131,7 +122,7 @@ def floor_bytes(b: int, ncrops: int, k: int, dtype: torch.dtype) -> int:
 def sweep(device: torch.device, iters: int) -> dict:
     """Launch-config sweep of the two Triton kernels at the real size (B=256, 2+10 crops, K=65536, bf16)."""
     b, ncrops = 256, 12
-    student, teacher, center = make_inputs(b, ncrops, K, torch.bfloat16, device)
+    student, teacher, center = random_loss_inputs(b, ncrops, K, torch.bfloat16, device)
     bw = copy_bandwidth(device)
     t_bytes = teacher.numel() * 2 + teacher.numel() * 4  # read t, write the fp32 numerators
     s_bytes = student.numel() * 2 * 2 + teacher.numel() * 4  # read s, write grad, read the numerators once
@@ -244,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     bw = record.meta["copy_bandwidth_gbs"] = bandwidth_header(record)
     compile_spent = 0.0
     for b, ncrops, dtype in configs:
-        inputs = make_inputs(b, ncrops, K, dtype, device)
+        inputs = random_loss_inputs(b, ncrops, K, dtype, device)
         floor_ms = floor_bytes(b, ncrops, K, dtype) / (bw * 1e9) * 1e3
         use_compile = with_compile and compile_spent < args.compile_budget_s
         compile_spent += run_config(record, inputs, b, ncrops, dtype, floor_ms, use_compile, warmup, iters)

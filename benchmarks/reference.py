@@ -1,9 +1,10 @@
 """The reference algorithm's pieces that benchmarks and tests compare with: the loss and center update (DINO_SPEC
-"Loss", the baseline of bench_loss) and the multi-crop augmentation (DINO_SPEC "Multi-crop augmentation").
+"Loss", the baseline of bench_loss and bench_train) and the multi-crop augmentation (DINO_SPEC "Multi-crop
+augmentation").
 
-The loss is the eager 2·(ncrops−1)-pair loop: one softmax of the centered, sharpened teacher chunk and one
-log_softmax of the student chunk per pair, exactly as the reference code spells it (no folding of the targets). The
-per-parameter EMA loop baseline lives in :func:`dino_fast.ops.ema.ema_reference_loop`.
+The pair-loop loss and the per-parameter EMA loop live once, beside the kernels they are the baseline of
+(:mod:`dino_fast.ops.reference`), and are re-exported here; :class:`ReferenceDINOLoss` adds the reference's center
+update to the loss, as its training step calls it.
 
 :class:`DataAugmentationDINO` is the reference's transform as its repository composes it: torchvision transforms on
 a PIL image, Python's ``random`` for blur and solarisation and torch's global RNG for the rest (so seed both).
@@ -17,37 +18,9 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
-from dino_fast.ops.ema import ema_reference_loop
+from dino_fast.ops.reference import ema_reference_loop, reference_dino_loss
 
 __all__ = ["DataAugmentationDINO", "ReferenceDINOLoss", "ema_reference_loop", "reference_dino_loss"]
-
-
-def reference_dino_loss(
-    student_output: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-    ncrops: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pair-loop DINO loss; same contract as the dino_fast implementations: ``(loss, teacher_colsum)``.
-
-    Shapes: student_output [ncrops·B, K], teacher_output [2·B, K], center [1, K].
-    Math: Σ_{iq∈{0,1}} Σ_{v≠iq} mean_b(Σ_k −q_iq · log_softmax(s_v/τs)) / (2·(ncrops−1)).
-    """
-    student_out = (student_output / student_temp).chunk(ncrops)
-    teacher_out = torch.softmax((teacher_output - center) / teacher_temp, dim=-1).detach().chunk(2)
-    total_loss = 0
-    n_loss_terms = 0
-    for iq, q in enumerate(teacher_out):
-        for v in range(len(student_out)):
-            if v == iq:
-                continue
-            loss = torch.sum(-q * torch.log_softmax(student_out[v], dim=-1), dim=-1)
-            total_loss += loss.mean()
-            n_loss_terms += 1
-    total_loss /= n_loss_terms
-    return total_loss, teacher_output.detach().sum(dim=0, keepdim=True)
 
 
 class ReferenceDINOLoss:

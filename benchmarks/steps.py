@@ -32,7 +32,7 @@ import torch
 from benchmarks.reference import ReferenceDINOLoss
 from dino_fast.config import Config, apply_overrides, load_config
 from dino_fast.models import build_student_teacher
-from dino_fast.ops.ema import ema_reference_loop
+from dino_fast.ops.reference import ema_reference_loop
 from dino_fast.optim import param_groups
 
 # provider → the config overrides of OursStep (the variant matrix of the decision run, benchmarks/gpu_check.sh).
@@ -108,7 +108,7 @@ class OursStep:
         self.precision = resolve_precision(cfg, device)
         self.cfg = cfg
         engine, teacher, dino_loss, ema = build_training(cfg, device, 1, self.precision)
-        schedules = Schedules(cfg, 10, cfg.data.batch_size_per_gpu, dino_loss.teacher_temp_schedule)
+        schedules = Schedules(cfg, 10, cfg.data.batch_size_per_gpu)
         self.values = schedules.at(10, 1)  # epoch 1: past the default one-epoch last-layer freeze, as the reference
         self.step = make_step(cfg, engine, teacher, dino_loss, ema, self.precision, schedules, 1)
         self._pending = None

@@ -3,7 +3,7 @@
 Crops have static shapes, so teacher forward, student forward, loss, health metrics, backward, per-parameter
 clipping, the last-layer freeze, the fused AdamW step (``capturable=True``, lr a device tensor), the decoupled weight
 decay, the teacher EMA and the centre update are recorded once and then launched as one graph: the host's cost per
-step drops from ~1,300 op launches to a few copies and one replay. lr, weight decay and momentum are read from the
+step drops from one launch per op to a few copies and one replay. lr, weight decay and momentum are read from the
 step's device table (:class:`dino_fast.step.DINOStep` with ``device_values``), so replays follow the schedules.
 
 What is captured where:
@@ -14,8 +14,9 @@ What is captured where:
   there is each compiled backbone's forward and backward: ``model.compile=true model.compile_mode=reduce-overhead``.
 
 The graph is captured again (one eager step first, as a capture warm-up) when what it bakes in changes: the teacher
-temperature (a Python float in ``DINOLoss``; once per epoch during its warm-up), the last-layer freeze (once) and the
-crop shapes. Every other value changes through device memory.
+temperature (a Python float given to ``DINOLoss``; once per epoch during its warm-up), the last-layer freeze (once)
+and the crop shapes. Every other value changes through device memory. With one rank (the only case captured) the loss
+applies the centre update at once, so the update is part of the graph and none is left in flight between replays.
 """
 
 from __future__ import annotations

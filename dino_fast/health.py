@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from dino_fast.ops.reference import pair_cross_entropy
+
 ONE_HOT_FRACTION = 0.05  # one-hot collapse: entropy below 5% of its maximum ln K (0.55 nats for K = 65536)
 UNIFORM_TOLERANCE = 0.01  # uniform collapse: loss within 1% of ln K, or entropy above 99% of ln K
 UNIFORM_LOSS_ENTROPY_FRACTION = 0.9  # ... the loss test only while the teacher's targets are near-flat too
@@ -34,16 +36,20 @@ def _batch_entropy(q: torch.Tensor) -> torch.Tensor:
     return -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
 
 
-def _pair_cross_entropy(q: torch.Tensor, student_output: torch.Tensor, student_temp: float,
-                        ncrops: int) -> torch.Tensor:
-    """Mean over the loss's pairs of −Σ_k q_iq·log p_v, one student chunk at a time (so no [ncrops·B, K]
-    log-softmax is held): pairs sharing student crop v fold into Q_v = Σ_{iq≠v} q_iq."""
-    q_chunks = q.chunk(2)
-    total = q.new_zeros(())
-    for v, s_v in enumerate(student_output.detach().chunk(ncrops)):
-        targets = sum(q_chunks[iq] for iq in range(2) if iq != v)  # Q_v: the teachers paired with student crop v
-        total = total - (targets * torch.log_softmax(s_v.float() / student_temp, dim=-1)).sum(-1).mean()
-    return total / (2 * (ncrops - 1))
+def _student_kl(q: torch.Tensor, entropy: torch.Tensor, student_output: torch.Tensor, student_temp: float,
+                ncrops: int) -> torch.Tensor:
+    """Mean KL over the loss's pairs: their cross-entropy (the reference's pair loop, fp32) − H(teacher)."""
+    return pair_cross_entropy(q, student_output.detach().float(), student_temp, ncrops) - entropy
+
+
+def _targets(teacher_output: torch.Tensor, center: torch.Tensor, temp: float,
+             targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, log q) of the loss's teacher targets: the given ones (rows are distributions) or the centered softmax."""
+    if targets is not None:
+        q = targets.detach().float()
+        return q, q.clamp_min(1e-30).log()
+    logq = _teacher_log_probs(teacher_output, center, temp)
+    return logq.exp(), logq
 
 
 @torch.no_grad()
@@ -77,15 +83,28 @@ def teacher_student_kl(student_output: torch.Tensor, teacher_output: torch.Tenso
 
     Shapes: student_output [ncrops·B, K], teacher_output [2·B, K], center [1, K] → 0-dim.
     """
-    logq = _teacher_log_probs(teacher_output, center, teacher_temp)
-    q = logq.exp()
-    return _pair_cross_entropy(q, student_output, student_temp, ncrops) - _entropy(q, logq)
+    q, logq = _targets(teacher_output, center, teacher_temp, None)
+    return _student_kl(q, _entropy(q, logq), student_output, student_temp, ncrops)
 
 
 @torch.no_grad()
 def center_norm(center: torch.Tensor) -> torch.Tensor:
     """L2 norm of the center buffer: grows when the teacher logits drift to a common offset."""
     return center.detach().float().norm()
+
+
+@torch.no_grad()
+def teacher_health(teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float,
+                   targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The metrics of the teacher side alone: teacher_entropy, teacher_batch_entropy, center_norm (0-dim float32).
+
+    Pass the center the step's loss uses: the training step calls this before ``DINOLoss.forward``, which then
+    starts the center's update. ``targets`` (rows are distributions, e.g. Sinkhorn-Knopp's) replace the centered
+    teacher softmax when given. With the loss, KL = loss − teacher_entropy completes :func:`health_metrics`.
+    """
+    q, logq = _targets(teacher_output, center, teacher_temp, targets)
+    return {"teacher_entropy": _entropy(q, logq), "teacher_batch_entropy": _batch_entropy(q),
+            "center_norm": center_norm(center)}
 
 
 @torch.no_grad()
@@ -97,22 +116,16 @@ def health_metrics(student_output: torch.Tensor | None, teacher_output: torch.Te
     Keys: teacher_entropy, teacher_batch_entropy, teacher_student_kl, center_norm. With ``loss`` (the step's
     DINO loss) the KL is ``loss − teacher_entropy`` and the student logits are not read (``student_output`` may
     be None); without it the KL is computed from the student logits. Either way the KL is exact only with the
-    center the loss used: clone it before ``DINOLoss.forward`` updates it (the updated one is one EMA step off).
-    ``targets`` (rows are distributions, e.g. Sinkhorn-Knopp's) replace the centered teacher softmax when given.
+    center the loss used (the one before the loss's center update). ``targets`` as in :func:`teacher_health`.
     """
-    if targets is not None:
-        q = targets.detach().float()
-        logq = q.clamp_min(1e-30).log()
-    else:
-        logq = _teacher_log_probs(teacher_output, center, teacher_temp)
-        q = logq.exp()
+    if loss is None and student_output is None:
+        raise ValueError("health_metrics needs the student logits or the loss to compute the KL")
+    q, logq = _targets(teacher_output, center, teacher_temp, targets)
     entropy = _entropy(q, logq)
     if loss is not None:
         kl = loss.detach().float() - entropy
-    elif student_output is not None:
-        kl = _pair_cross_entropy(q, student_output, student_temp, ncrops) - entropy
     else:
-        raise ValueError("health_metrics needs the student logits or the loss to compute the KL")
+        kl = _student_kl(q, entropy, student_output, student_temp, ncrops)
     return {"teacher_entropy": entropy, "teacher_batch_entropy": _batch_entropy(q), "teacher_student_kl": kl,
             "center_norm": center_norm(center)}
 

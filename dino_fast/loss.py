@@ -1,112 +1,133 @@
-"""The DINO loss module: owns the center buffer and the per-epoch teacher temperature schedule."""
+"""The DINO loss module: owns the center buffer and its update; the teacher temperature comes in with each call.
+
+The center update is split as dinov2 splits it, so its communication overlaps the backward pass:
+
+1. :meth:`DINOLoss.forward` computes the loss with the current (old) center; the teacher step that gives the
+   targets also gives the column sum of the teacher logits (one read of them, fused in the Triton path);
+2. :meth:`DINOLoss.reduce_center_update` (called at the end of forward) starts the all-reduce of that column sum
+   without waiting for it;
+3. :meth:`DINOLoss.apply_center_update` waits for it and applies center ← m·center + (1−m)·batch_center. It runs
+   just before the center is next read: every read of ``center`` (the next step's targets, the health metrics, a
+   checkpoint, ``state_dict``, a move to another device) applies a pending update first. With one process there is
+   nothing to wait for and the update is applied at once.
+"""
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
+import torch.distributed
 from torch import nn
 
+from dino_fast import dist
 from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.select import select_impl
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
-from dino_fast.schedules import teacher_temp_schedule
-
-
-def select_loss_impl(requested: str = "auto", device: torch.device | str = "cpu") -> str:
-    """Pick the loss implementation: env ``DINO_FAST_LOSS`` > ``requested`` > auto (Triton on CUDA, else eager)."""
-    choice = os.environ.get("DINO_FAST_LOSS", requested) or "auto"
-    if choice == "auto":
-        choice = "triton" if torch.device(device).type == "cuda" and "triton" in ops.IMPLEMENTATIONS else "eager"
-    if choice not in ops.IMPLEMENTATIONS:
-        raise ValueError(f"loss implementation '{choice}' is not available (have: {', '.join(ops.IMPLEMENTATIONS)})")
-    return choice
 
 
 class DINOLoss(nn.Module):
     """Cross-entropy between the centered, sharpened teacher softmax and the student, over all crop pairs.
 
-    Numerically equal to the reference's 2·(ncrops−1)-pair loop (DINO_SPEC "Loss"); the center is updated after
-    the loss (the loss uses the old center) with the teacher logits' mean over all rows of all ranks.
+    Numerically equal to the reference's 2·(ncrops−1)-pair loop (DINO_SPEC "Loss",
+    :func:`dino_fast.ops.reference.reference_dino_loss`); the center is updated after the loss (the loss uses the old
+    center) with the teacher logits' mean over all rows of all ranks (see the module docstring for when).
 
     Args:
         out_dim: K, the number of prototypes.
         ncrops: 2 global + N local crops.
-        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs: per-epoch τt schedule.
         student_temp: τs.
         center_momentum: EMA factor of the center.
-        impl: "auto" | "eager" | "triton" (see :func:`select_loss_impl`).
+        impl: "auto" | "eager" | "triton"; the environment variable ``DINO_FAST_LOSS`` overrides it, auto is the
+            Triton kernels on CUDA, else eager (re-chosen when the module moves to another device).
         centering: "centering" (the reference: softmax((t − center)/τt)) or "sinkhorn_knopp" (DINOv2's doubly
             normalised targets, :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`; the center is still tracked, for the
             health metrics, but not used).
         sinkhorn_iterations: normalisation rounds of Sinkhorn-Knopp.
     """
 
-    def __init__(
-        self,
-        out_dim: int,
-        ncrops: int,
-        warmup_teacher_temp: float,
-        teacher_temp: float,
-        warmup_teacher_temp_epochs: int,
-        nepochs: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        impl: str = "auto",
-        centering: str = "centering",
-        sinkhorn_iterations: int = 3,
-    ):
+    def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 impl: str = "auto", centering: str = "centering", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
-        )
-        self.requested_impl = impl
-        if centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.impl = select_loss_impl(impl, "cpu")
+        self.requested_impl = impl
+        # (all-reduce handle or None, this rank's batch column sum, rows it sums over): the update not yet applied.
+        self._pending: tuple[torch.distributed.Work | None, torch.Tensor, int] | None = None
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.impl = self._select_impl()
+
+    def _select_impl(self) -> str:
+        return select_impl("loss", ops.IMPLEMENTATIONS, self.requested_impl, self._buffers["center"].device,
+                           env="DINO_FAST_LOSS", fallback="eager")
+
+    def __getattr__(self, name: str):
+        if name == "center":  # a read of the center sees the update of the last step
+            self.apply_center_update()
+        return super().__getattr__(name)
 
     def _apply(self, fn, *args, **kwargs):
-        # Re-pick the implementation when the module (its center) moves to another device.
+        self.apply_center_update()
         out = super()._apply(fn, *args, **kwargs)
-        self.impl = select_loss_impl(self.requested_impl, self.center.device)
+        self.impl = self._select_impl()  # the center (the module) may be on another device now
         return out
 
-    def sinkhorn_targets(self, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor | None:
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.apply_center_update()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.apply_center_update()  # older than what is loaded: applied first, then overwritten
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sinkhorn_targets(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor | None:
         """The Sinkhorn-Knopp targets [2·B, K] of this step (None with the reference centering)."""
         if self.centering != "sinkhorn_knopp":
             return None
-        return sinkhorn_knopp(teacher_output, float(self.teacher_temp_schedule[epoch]), self.sinkhorn_iterations)
+        return sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, *, teacher_temp: float,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """Shapes: student_output [ncrops·B, K], teacher_output [2·B, K]; returns a scalar fp32 loss.
 
-        With Sinkhorn-Knopp centering, ``targets`` (from :meth:`sinkhorn_targets`, computed here if None) replace
-        the centered teacher softmax."""
-        temp = float(self.teacher_temp_schedule[epoch])
+        ``teacher_temp`` is τt of this step (``StepValues.teacher_temp``). With Sinkhorn-Knopp centering,
+        ``targets`` (from :meth:`sinkhorn_targets`, computed here if None) replace the centered teacher softmax.
+        Starts the center update (:meth:`reduce_center_update`) before returning.
+        """
         if self.centering == "sinkhorn_knopp":
-            q = self.sinkhorn_targets(teacher_output, epoch) if targets is None else targets
+            q = self.sinkhorn_targets(teacher_output, teacher_temp) if targets is None else targets
             loss = ops.dino_loss_from_targets(student_output, q, self.student_temp, self.ncrops, self.impl)
             colsum = teacher_output.detach().float().sum(dim=0, keepdim=True)
         else:
-            fn = ops.IMPLEMENTATIONS[self.impl]
-            loss, colsum = fn(student_output, teacher_output, self.center, temp, self.student_temp, self.ncrops)
-        self.update_center(colsum, teacher_output.shape[0])
+            loss, colsum = ops.dino_loss(student_output, teacher_output, self.center, teacher_temp, self.student_temp,
+                                         self.ncrops, impl=self.impl)
+        self.reduce_center_update(colsum, teacher_output.shape[0])
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_colsum: torch.Tensor, rows: int) -> None:
-        """center ← m·center + (1−m)·(Σ over all ranks' teacher rows) / (rows per rank × world size)."""
+    def reduce_center_update(self, teacher_colsum: torch.Tensor, rows: int) -> None:
+        """Start summing this step's teacher column sum [1, K] over the ranks (``rows`` teacher rows per rank); the
+        update is applied by :meth:`apply_center_update`, at once when there is one process."""
+        self.apply_center_update()  # at most one update in flight
         batch_center = teacher_colsum.float().clone()
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            world = dist.get_world_size()
-        batch_center = batch_center / (rows * world)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        world = dist.world_size()
+        work = torch.distributed.all_reduce(batch_center, async_op=True) if world > 1 else None
+        self._pending = (work, batch_center, rows * world)
+        if work is None:
+            self.apply_center_update()
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """center ← m·center + (1−m)·(Σ over all ranks' teacher rows) / (rows per rank × world size), once the
+        all-reduce started by :meth:`reduce_center_update` has finished; nothing when no update is pending."""
+        if self._pending is None:
+            return
+        work, batch_center, count = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        batch_center = batch_center / count
+        self._buffers["center"].mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

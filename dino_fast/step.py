@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from dino_fast.health import health_metrics
+from dino_fast.health import teacher_health
 from dino_fast.koleo import koleo_loss
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients
-from dino_fast.schedules import cosine_scheduler, momentum_schedule
+from dino_fast.schedules import cosine_scheduler, momentum_schedule, teacher_temp_schedule
 
 METRIC_NAMES = ("loss", "teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm")
 KOLEO_METRIC = "koleo"  # logged after METRIC_NAMES when dino.koleo_weight > 0
@@ -47,14 +47,15 @@ class StepValues:
 
 class Schedules:
     """Per-iteration lr (scaled by the global batch / 256), weight decay and teacher momentum, and the per-epoch
-    teacher temperature (the loss's own schedule), computed up front as the reference does."""
+    teacher temperature (given to the loss each step), computed up front as the reference does."""
 
-    def __init__(self, cfg, steps_per_epoch: int, global_batch: int, teacher_temps: np.ndarray):
-        o = cfg.optim
+    def __init__(self, cfg, steps_per_epoch: int, global_batch: int):
+        o, d = cfg.optim, cfg.dino
         self.lr = cosine_scheduler(o.lr * global_batch / 256.0, o.min_lr, o.epochs, steps_per_epoch, o.warmup_epochs)
         self.wd = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, steps_per_epoch)
-        self.momentum = momentum_schedule(cfg.dino.momentum_teacher, o.epochs, steps_per_epoch)
-        self.teacher_temp = np.asarray(teacher_temps, dtype=np.float64)
+        self.momentum = momentum_schedule(d.momentum_teacher, o.epochs, steps_per_epoch)
+        self.teacher_temp = teacher_temp_schedule(d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs,
+                                                  o.epochs)
 
     def at(self, it: int, epoch: int) -> StepValues:
         return StepValues(it, epoch, float(self.lr[it]), float(self.wd[it]), float(self.momentum[it]),
@@ -162,23 +163,25 @@ class DINOStep:
         """
         with record_function("dino:teacher_forward"), torch.no_grad(), self.teacher_ctx():
             teacher_out = self.teacher(crops[:2])
+            # Its targets when they are Sinkhorn-Knopp's, made with the teacher's output as dinov2 does (None with
+            # the reference centering: the loss centers and sharpens itself).
+            targets = self.dino_loss.sinkhorn_targets(teacher_out, values.teacher_temp)
         with record_function("dino:student_forward"):
             if self.koleo_weight:  # DINOv2: KoLeo on each global crop's backbone CLS features
                 features, student_out = self.engine(crops, return_backbone=True)
                 koleo = sum(koleo_loss(f) for f in features[: 2 * crops[0].shape[0]].chunk(2))
             else:
                 student_out = self.engine(crops)
+        with record_function("dino:health"):  # before the loss, which updates the center: same center as the loss
+            health = teacher_health(teacher_out, self.dino_loss.center, values.teacher_temp, targets)
         with record_function("dino:loss"):
-            center = self.dino_loss.center.clone()  # the center this loss uses (forward updates it)
-            targets = self.dino_loss.sinkhorn_targets(teacher_out, values.epoch)  # None with the reference centering
-            dino = self.dino_loss(student_out, teacher_out, values.epoch, targets=targets)
+            dino = self.dino_loss(student_out, teacher_out, teacher_temp=values.teacher_temp, targets=targets)
             total = dino + self.koleo_weight * koleo if self.koleo_weight else dino
-        with record_function("dino:health"):
-            health = health_metrics(None, teacher_out, center, values.teacher_temp, self.dino_loss.student_temp,
-                                    self.dino_loss.ncrops, loss=dino, targets=targets)
-            extra = [koleo.detach().float()] if self.koleo_weight else []
             # "loss" is the DINO loss (comparable with ln K and the reference); the KoLeo term is logged apart.
-            metrics = torch.stack([dino.detach().float(), *health.values(), *extra])
+            health["loss"] = dino.detach().float()
+            health["teacher_student_kl"] = health["loss"] - health["teacher_entropy"]  # each pair: CE = H + KL
+            extra = [koleo.detach().float()] if self.koleo_weight else []
+            metrics = torch.stack([health[name] for name in METRIC_NAMES] + extra)
         return total, metrics
 
     def backward_update(self, loss: torch.Tensor, values: StepValues) -> None:

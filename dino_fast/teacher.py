@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from dino_fast.ops import ema as ops
-
-
-def select_ema_impl(requested: str = "auto", device: torch.device | str = "cpu") -> str:
-    """Env ``DINO_FAST_EMA`` > ``requested`` > auto (the Triton kernel on CUDA when present, else foreach lerp)."""
-    choice = os.environ.get("DINO_FAST_EMA", requested) or "auto"
-    if choice == "auto":
-        choice = "triton" if torch.device(device).type == "cuda" and "triton" in ops.IMPLEMENTATIONS else "foreach"
-    if choice not in ops.IMPLEMENTATIONS:
-        raise ValueError(f"EMA implementation '{choice}' is not available (have: {', '.join(ops.IMPLEMENTATIONS)})")
-    return choice
+from dino_fast.ops.select import select_impl
 
 
 class TeacherEMA:
     """t ← m·t + (1−m)·s for every parameter of ``teacher`` (backbone and head); buffers are not averaged.
 
     ``student`` is the module whose parameters the optimizer updates (``engine.module`` under DeepSpeed ZeRO 0–2,
-    which keeps whole parameters on every rank).
+    which keeps whole parameters on every rank). ``impl``: "auto" | "foreach" | "reference" | "triton"; the
+    environment variable ``DINO_FAST_EMA`` overrides it, auto is the Triton kernel on CUDA, else foreach.
+
+    With "triton" it owns the fused path's :class:`dino_fast.ops.ema.FlatEMA` (``flat``), laid out at the first
+    update: from then on the teacher's parameters are views into its flat fp32 buffer.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, impl: str = "auto"):
@@ -41,9 +34,15 @@ class TeacherEMA:
                 raise ValueError(f"teacher/student shape mismatch at {n}: {tuple(t.shape)} vs {tuple(s.shape)}")
             if hasattr(s, "ds_numel") or s.numel() == 0 and hasattr(s, "ds_id"):
                 raise ValueError("the student's parameters are partitioned (ZeRO-3); use deepspeed.zero_stage ≤ 2")
-        self.impl = select_ema_impl(impl, self.teacher_params[0].device)
-        self._fn = ops.IMPLEMENTATIONS[self.impl]
+        self.impl = select_impl("EMA", ops.IMPLEMENTATIONS, impl, self.teacher_params[0].device, env="DINO_FAST_EMA",
+                                fallback="foreach")
+        self.flat: ops.FlatEMA | None = None
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        self._fn(self.teacher_params, self.student_params, float(momentum))
+        if self.impl != "triton":
+            ops.IMPLEMENTATIONS[self.impl](self.teacher_params, self.student_params, float(momentum))
+            return
+        if self.flat is None:  # at the first update, after DeepSpeed has laid out the student's buffers
+            self.flat = ops.FlatEMA(self.teacher_params, self.student_params)
+        self.flat.update(momentum)

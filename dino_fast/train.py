@@ -148,9 +148,8 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
     init_from_pretrained(cfg, student)  # model.pretrained: before DeepSpeed copies the weights into its optimizer
     teacher.to(device).eval()
     ncrops = 2 + cfg.data.local_crops_number
-    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
-                         cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
-                         cfg.dino.center_momentum, impl=cfg.dino.loss_impl, centering=cfg.dino.centering,
+    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.student_temp, cfg.dino.center_momentum,
+                         impl=cfg.dino.loss_impl, centering=cfg.dino.centering,
                          sinkhorn_iterations=cfg.dino.sinkhorn_iterations).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   fused=True)  # one multi-tensor kernel per group (torch has it for CPU and CUDA)
@@ -310,7 +309,7 @@ class _Run:
         torch.manual_seed(cfg.seed + self.rank)  # same init everywhere, per-rank drop-path noise from here on
         np.random.seed(cfg.seed + self.rank)
         global_batch = cfg.data.batch_size_per_gpu * self.world
-        self.schedules = Schedules(cfg, steps_per_epoch, global_batch, dino_loss.teacher_temp_schedule)
+        self.schedules = Schedules(cfg, steps_per_epoch, global_batch)
         self.step = make_step(cfg, engine, teacher, dino_loss, ema, precision, self.schedules, self.world)
 
         # ---- resume

@@ -7,21 +7,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dino_fast.config import load_config
 from dino_fast.loss import DINOLoss
+from dino_fast.ops.reference import reference_dino_loss
+from dino_fast.step import Schedules
 
 
 def pair_sum_reference(student, teacher, center, t_temp, s_temp, ncrops):
     """The spec literally: Σ_iq Σ_{v≠iq} mean_b(Σ_k −q·log_softmax(s_v)) / n_terms, in float64."""
-    s = (student.double() / s_temp).chunk(ncrops)
-    q = torch.softmax((teacher.double() - center.double()) / t_temp, dim=-1).chunk(2)
-    total, n = 0.0, 0
-    for iq in range(2):
-        for v in range(ncrops):
-            if v == iq:
-                continue
-            total = total + torch.sum(-q[iq] * torch.log_softmax(s[v], dim=-1), dim=-1).mean()
-            n += 1
-    return total / n
+    return reference_dino_loss(student.double(), teacher.double(), center.double(), t_temp, s_temp, ncrops)[0]
 
 
 @pytest.mark.parametrize("ncrops, b, k", [(2, 3, 17), (3, 5, 1007), (10, 4, 64), (12, 2, 4096)])
@@ -31,10 +25,10 @@ def test_loss_and_gradient_match_float64_pair_sum(ncrops, b, k, t_temp):
     student = torch.randn(ncrops * b, k, generator=g) * 3
     teacher = torch.randn(2 * b, k, generator=g) * 3
     center = torch.randn(1, k, generator=g)
-    loss_fn = DINOLoss(k, ncrops, t_temp, t_temp, 0, 5, student_temp=0.1, impl="eager")
+    loss_fn = DINOLoss(k, ncrops, student_temp=0.1, impl="eager")
     loss_fn.center.copy_(center)
     s = student.clone().requires_grad_(True)
-    loss = loss_fn(s, teacher, epoch=2)
+    loss = loss_fn(s, teacher, teacher_temp=t_temp)
     loss.backward()
     s64 = student.double().requires_grad_(True)
     ref = pair_sum_reference(s64, teacher, center, t_temp, 0.1, ncrops)
@@ -47,10 +41,13 @@ def test_loss_and_gradient_match_float64_pair_sum(ncrops, b, k, t_temp):
 def test_teacher_temperature_follows_the_epoch_schedule():
     k, ncrops, b = 50, 4, 3
     student, teacher = torch.randn(ncrops * b, k), torch.randn(2 * b, k)
-    loss_fn = DINOLoss(k, ncrops, 0.04, 0.07, 3, 10)
+    loss_fn = DINOLoss(k, ncrops)
+    cfg = load_config(None, ["dino.warmup_teacher_temp=0.04", "dino.teacher_temp=0.07",
+                             "dino.warmup_teacher_temp_epochs=3", "optim.epochs=10", "optim.warmup_epochs=0"])
+    schedules = Schedules(cfg, steps_per_epoch=2, global_batch=256)  # the step's values, as the trainer makes them
     for epoch, temp in [(0, 0.04), (1, 0.055), (2, 0.07), (9, 0.07)]:
         loss_fn.center.zero_()
-        got = loss_fn(student, teacher, epoch)
+        got = loss_fn(student, teacher, teacher_temp=schedules.at(2 * epoch + 1, epoch).teacher_temp)
         ref = pair_sum_reference(student, teacher, torch.zeros(1, k), temp, 0.1, ncrops)
         torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-6)
 
@@ -58,11 +55,11 @@ def test_teacher_temperature_follows_the_epoch_schedule():
 def test_center_update_uses_old_center_then_ema_of_teacher_mean():
     k, b = 33, 4
     teacher = torch.randn(2 * b, k)
-    loss_fn = DINOLoss(k, 3, 0.04, 0.04, 0, 1)
+    loss_fn = DINOLoss(k, 3)
     old = torch.randn(1, k)
     loss_fn.center.copy_(old)
     student = torch.randn(3 * b, k)
-    loss = loss_fn(student, teacher, 0)
+    loss = loss_fn(student, teacher, teacher_temp=0.04)
     torch.testing.assert_close(loss.double(), pair_sum_reference(student, teacher, old, 0.04, 0.1, 3),
                                rtol=2e-6, atol=2e-6)
     expected = 0.9 * old.double() + 0.1 * teacher.double().mean(0, keepdim=True)
@@ -73,8 +70,8 @@ def _center_worker(rank, world, port, k, b, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     teacher = torch.arange(2 * b * k, dtype=torch.float32).view(2 * b, k) * (rank + 1) / 100
-    loss_fn = DINOLoss(k, 2, 0.04, 0.04, 0, 1)
-    loss_fn(torch.zeros(2 * b, k), teacher, 0)
+    loss_fn = DINOLoss(k, 2)
+    loss_fn(torch.zeros(2 * b, k), teacher, teacher_temp=0.04)
     out[rank] = loss_fn.center.clone()
     torch.distributed.destroy_process_group()
 
@@ -94,6 +91,6 @@ def test_center_is_averaged_over_ranks():
 
 
 def test_mismatched_shapes_are_rejected_clearly():
-    loss_fn = DINOLoss(10, 4, 0.04, 0.04, 0, 1)
+    loss_fn = DINOLoss(10, 4)
     with pytest.raises(ValueError, match="ncrops=4"):
-        loss_fn(torch.randn(10, 10), torch.randn(4, 10), 0)
+        loss_fn(torch.randn(10, 10), torch.randn(4, 10), teacher_temp=0.04)

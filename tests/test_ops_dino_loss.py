@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dino_fast.ops import dino_loss as ops
+from dino_fast.ops.reference import random_loss_inputs, reference_dino_loss
 
 INTERPRETED = type(ops._student_loss_grad_kernel).__name__ == "InterpretedFunction"
 cuda = pytest.mark.cuda
@@ -28,24 +29,8 @@ def interpreted():
 
 def reference_loss64(student, teacher, center, teacher_temp, student_temp, ncrops):
     """DINO_SPEC "Loss", literally: 2·(ncrops−1) pairs of softmax targets × log_softmax, in float64."""
-    s = (student / student_temp).chunk(ncrops)
-    q = torch.softmax((teacher.double() - center.double()) / teacher_temp, dim=-1).chunk(2)
-    total, n_terms = 0.0, 0
-    for iq in range(2):
-        for v in range(ncrops):
-            if v != iq:
-                total = total + torch.sum(-q[iq] * torch.log_softmax(s[v], dim=-1), dim=-1).mean()
-                n_terms += 1
-    return total / n_terms
-
-
-def make_inputs(b, k, ncrops, dtype, device, seed=0):
-    """Logits shaped like the head's (cosine similarities in [-1, 1]), a non-zero center."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    student = (torch.rand(ncrops * b, k, generator=g) * 2 - 1).to(device=device, dtype=dtype)
-    teacher = (torch.rand(2 * b, k, generator=g) * 2 - 1).to(device=device, dtype=dtype)
-    center = (torch.randn(1, k, generator=g) * 0.1).to(device)
-    return student, teacher, center
+    return reference_dino_loss(student.double(), teacher.double(), center.double(), teacher_temp, student_temp,
+                               ncrops)[0]
 
 
 TOL = {  # loss (fp32 math on the same inputs in both dtypes), gradient (stored in the student dtype)
@@ -55,7 +40,7 @@ TOL = {  # loss (fp32 math on the same inputs in both dtypes), gradient (stored 
 
 
 def check(fn, b, k, ncrops, dtype, device, grad_scale=1.0, seed=0):
-    student, teacher, center = make_inputs(b, k, ncrops, dtype, device, seed)
+    student, teacher, center = random_loss_inputs(b, ncrops, k, dtype, device, seed)
     s64 = student.double().requires_grad_()
     ref = reference_loss64(s64, teacher, center, TEACHER_TEMP, STUDENT_TEMP, ncrops)
     (ref * grad_scale).backward()
@@ -105,7 +90,7 @@ def test_eager_grad_output_not_one(dtype):
 
 
 def test_triton_equals_eager_and_strided_inputs(interpreted):
-    student, teacher, center = make_inputs(4, 333, 3, torch.float32, "cpu", seed=2)
+    student, teacher, center = random_loss_inputs(4, 3, 333, torch.float32, "cpu", seed=2)
     wide = torch.zeros(student.shape[0], 400)
     wide[:, :333] = student
     strided = wide[:, :333].requires_grad_()  # row stride 400: read in place
@@ -124,7 +109,7 @@ def test_triton_equals_eager_and_strided_inputs(interpreted):
                                                      ((64, 1, 1), (64, 1))])
 def test_triton_launch_configs(interpreted, teacher_cfg, student_cfg):
     # Row groups that do not divide the rows, student blocks smaller than the teacher's, K not a block multiple.
-    student, teacher, center = make_inputs(5, 1007, 3, torch.float32, "cpu", seed=5)
+    student, teacher, center = random_loss_inputs(5, 3, 1007, torch.float32, "cpu", seed=5)
     targets, colsum = ops.teacher_targets_and_colsum(teacher, center, TEACHER_TEMP, teacher_cfg)
     q = torch.softmax((teacher.double() - center.double()) / TEACHER_TEMP, dim=-1)
     torch.testing.assert_close(targets.probabilities().double(), q, rtol=1e-5, atol=1e-9)
@@ -142,7 +127,7 @@ def test_autocast_keeps_fp32_math(name, request):
     if name == "triton":
         request.getfixturevalue("interpreted")
     fn = ops.IMPLEMENTATIONS[name]
-    student, teacher, center = make_inputs(3, 1007, 4, torch.bfloat16, "cpu", seed=4)
+    student, teacher, center = random_loss_inputs(3, 4, 1007, torch.bfloat16, "cpu", seed=4)
     plain, _ = fn(student, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast, _ = fn(student, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 4)
@@ -166,7 +151,7 @@ def test_no_grad_mode(name, request):
     if name == "triton":
         request.getfixturevalue("interpreted")
     fn = ops.IMPLEMENTATIONS[name]
-    student, teacher, center = make_inputs(2, 300, 3, torch.float32, "cpu", seed=6)
+    student, teacher, center = random_loss_inputs(2, 3, 300, torch.float32, "cpu", seed=6)
     x = student.clone().requires_grad_()
     with torch.no_grad():
         loss, _ = fn(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
@@ -177,7 +162,7 @@ def test_no_grad_mode(name, request):
 
 @pytest.mark.parametrize("fn", [ops.dino_loss_eager, ops.dino_loss_triton], ids=["eager", "triton"])
 def test_bad_shapes_are_rejected(fn):
-    s, t, c = make_inputs(2, 64, 3, torch.float32, "cpu")
+    s, t, c = random_loss_inputs(2, 3, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="ncrops"):
         fn(s, t, c, TEACHER_TEMP, STUDENT_TEMP, 1)
     with pytest.raises(ValueError, match="do not fit"):
@@ -220,7 +205,7 @@ def test_cuda_eager_matches_pair_loop(dtype):
 @cuda
 @needs_cuda
 def test_cuda_k_131072_strided_and_eager_agree():
-    student, teacher, center = make_inputs(8, 131072, 6, torch.bfloat16, "cuda", seed=3)
+    student, teacher, center = random_loss_inputs(8, 6, 131072, torch.bfloat16, "cuda", seed=3)
     x = student.clone().requires_grad_()
     y = torch.cat([student, student[:, :64]], dim=1)[:, :131072].requires_grad_()
     loss_t, colsum_t = ops.dino_loss_triton(y, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 6)  # strided rows

@@ -124,14 +124,14 @@ def test_dino_loss_with_sinkhorn_centering_uses_sk_targets_and_still_tracks_the_
     ncrops, b, k = 4, 5, 64
     g = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(ncrops * b, k, generator=g), torch.randn(2 * b, k, generator=g)
-    loss_fn = DINOLoss(k, ncrops, 0.04, 0.04, 0, 1, impl="eager", centering="sinkhorn_knopp")
-    loss = loss_fn(student, teacher, 0)
+    loss_fn = DINOLoss(k, ncrops, impl="eager", centering="sinkhorn_knopp")
+    loss = loss_fn(student, teacher, teacher_temp=0.04)
     ref = pair_sum_with_targets(student, sinkhorn_float64(teacher, 0.04, 3), 0.1, ncrops)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_fn.center.double(), 0.1 * teacher.double().mean(0, keepdim=True), rtol=1e-6,
                                atol=1e-7)
     with pytest.raises(ValueError, match="centering must be"):
-        DINOLoss(k, ncrops, 0.04, 0.04, 0, 1, centering="sinkhorn")
+        DINOLoss(k, ncrops, centering="sinkhorn")
 
 
 def test_compiled_sinkhorn_equals_eager():

@@ -17,7 +17,8 @@ from dino_fast.train import build_training, init_distributed
 from runs import ckpt_dir, run_main, student_state
 
 
-def reference_train_step(engine, teacher, dino_loss, ema, crops, *, epoch, lr, wd, momentum, cfg) -> dict[str, float]:
+def reference_train_step(engine, teacher, dino_loss, ema, crops, *, epoch, lr, wd, momentum, teacher_temp,
+                         cfg) -> dict[str, float]:
     """The trainer's step before the step object (dino_fast/train.py's ``train_step``, fp32, kept here as the
     independent reference): schedules into the param groups, forward, loss, one host sync, backward, clip, freeze,
     AdamW, EMA."""
@@ -29,9 +30,9 @@ def reference_train_step(engine, teacher, dino_loss, ema, crops, *, epoch, lr, w
         teacher_out = teacher(crops[:2])
     student_out = engine(crops)
     center = dino_loss.center.clone()
-    loss = dino_loss(student_out, teacher_out, epoch)
-    health = health_metrics(None, teacher_out, center, float(dino_loss.teacher_temp_schedule[epoch]),
-                            dino_loss.student_temp, dino_loss.ncrops, loss=loss)
+    loss = dino_loss(student_out, teacher_out, teacher_temp=teacher_temp)
+    health = health_metrics(None, teacher_out, center, teacher_temp, dino_loss.student_temp, dino_loss.ncrops,
+                            loss=loss)
     out = dict(zip(["loss", *health], torch.stack([loss.detach().float(), *health.values()]).tolist()))
     if not math.isfinite(out["loss"]):
         raise RuntimeError(f"loss {out['loss']}")
@@ -85,12 +86,13 @@ def test_step_object_follows_the_old_train_step(tiny_overrides):
     overrides = tiny_overrides + EXTRA
     cfg, engine, teacher, dino_loss, ema = _setup(overrides)
     start = {k: v.clone() for k, v in teacher.state_dict().items()}
-    schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu, dino_loss.teacher_temp_schedule)
+    schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
     ref_metrics = []
     for it in ITERS:
         v = schedules.at(it, it // STEPS_PER_EPOCH)
         ref_metrics.append(reference_train_step(engine, teacher, dino_loss, ema, _crops(cfg, it), epoch=v.epoch,
-                                                lr=v.lr, wd=v.wd, momentum=v.momentum, cfg=cfg))
+                                                lr=v.lr, wd=v.wd, momentum=v.momentum,
+                                                teacher_temp=v.teacher_temp, cfg=cfg))
     reference = _final_state(engine, teacher, dino_loss)
 
     cfg, engine, teacher, dino_loss, ema = _setup(overrides)
@@ -114,7 +116,7 @@ def test_device_value_schedules_give_the_weights_of_float_schedules(tiny_overrid
     states = {}
     for device_values in (False, True):
         cfg, engine, teacher, dino_loss, ema = _setup(overrides)
-        schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu, dino_loss.teacher_temp_schedule)
+        schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
         step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules,
                         device_values=device_values)
         for it in ITERS:
@@ -132,7 +134,7 @@ def test_device_value_schedules_give_the_weights_of_float_schedules(tiny_overrid
 
 def test_device_values_are_refused_under_zero(tiny_overrides):
     cfg, engine, teacher, dino_loss, ema = _setup(tiny_overrides + ["deepspeed.zero_stage=1"])
-    schedules = Schedules(cfg, 2, 8, dino_loss.teacher_temp_schedule)
+    schedules = Schedules(cfg, 2, 8)
     with pytest.raises(ValueError, match="zero_stage=0"):
         DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules, device_values=True)
 
@@ -206,7 +208,7 @@ def test_cuda_graph_step_follows_the_eager_step(tiny_overrides):
         init_distributed()
         cfg = load_config(None, overrides)
         engine, teacher, dino_loss, ema = build_training(cfg, device, 1, "fp32")
-        schedules = Schedules(cfg, 3, cfg.data.batch_size_per_gpu, dino_loss.teacher_temp_schedule)
+        schedules = Schedules(cfg, 3, cfg.data.batch_size_per_gpu)
         kind = CudaGraphStep if graphed else DINOStep
         step = kind(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
         metrics = [step([c.to(device) for c in _crops(cfg, it)], schedules.at(it, it // 3)) for it in range(5)]

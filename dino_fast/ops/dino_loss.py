@@ -5,34 +5,39 @@ Math (DINO_SPEC "Loss"): with s_v = student logits of crop v / τs and q_iq = so
     loss = Σ_{iq∈{0,1}} Σ_{v≠iq} mean_b [ −Σ_k q_iq,k · log_softmax(s_v)_k ] / n_terms,  n_terms = 2·(ncrops − 1).
 
 Since Σ_k q = 1, each pair term is LSE(s_v) − q_iq·s_v, and the targets of crop v fold into Q_v = Σ_{iq≠v} q_iq, so
-one log-sum-exp and one dot product per student row suffice whatever the number of crops.
+one log-sum-exp and one dot product per student row suffice whatever the number of crops. The literal pair loop
+this is tested against is :func:`dino_fast.ops.reference.reference_dino_loss`.
 
 Shapes:
     student_output: [ncrops·B, K] (crop order G1, G2, L1..LN), teacher_output: [2·B, K] (G1, G2), center: [1, K].
 
-Every implementation returns ``(loss, teacher_colsum)``: the scalar loss and the fp32 column sum of the raw teacher
-logits over the local rows, ``[1, K]`` (what the center update needs), so the teacher logits are read once.
+:func:`dino_loss` (``impl`` "eager" or "triton"; :data:`IMPLEMENTATIONS` holds both bound) runs two steps and
+returns ``(loss, teacher_colsum)``: the scalar loss and the fp32 column sum of the raw teacher logits over the local
+rows, ``[1, K]`` (what the center update needs), so the teacher logits are read once.
 
-The Triton path (``dino_loss_triton``, CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) is two kernels:
-
-1. ``_teacher_softmax_colsum_kernel``, one program per (column block j, group of rows), reading the teacher logits
+1. The teacher step: the targets q and the column sum. Eager: a dense fp32 softmax. Triton:
+   ``_teacher_softmax_colsum_kernel``, one program per (column block j, group of rows), reading the teacher logits
    exactly once: per row the block-local softmax numerators e = exp((t − c)/τt − m_j) (fp32) with the block's max
    m_j and sum d_j (the multi-block softmax, its combination deferred to the consumer), and the block's column sum
    for the center update (one atomic add per column per program). The center never re-reads the teacher logits.
-2. ``_student_loss_grad_kernel``, one program per student row (crop v, image b; programs ordered b-major so the
-   ≤ ncrops rows sharing q_0[b], q_1[b] run together and hit L2): it combines the teacher block statistics into
-   the row's max M and sum D (q = e·exp(m_j − M)/D), runs an online log-sum-exp of s/τs, then one sweep that
-   reads Q_v = Σ_{iq≠v} q_iq, accumulates Q_v·s/τs, and writes the gradient (Liger-style, in the forward)
+2. The student step, an autograd Function that computes the gradient in the forward (Liger-style) and whose
+   backward only scales it by the incoming one. Triton: ``_student_loss_grad_kernel``, one program per student row
+   (crop v, image b; programs ordered b-major so the ≤ ncrops rows sharing q_0[b], q_1[b] run together and hit L2):
+   it combines the teacher block statistics into the row's max M and sum D (q = e·exp(m_j − M)/D), runs an online
+   log-sum-exp of s/τs, then one sweep that reads Q_v = Σ_{iq≠v} q_iq, accumulates Q_v·s/τs, and writes
 
        ∂loss/∂s_v = (|Q_v|·softmax(s_v/τs) − Q_v) / (τs · B · n_terms),   |Q_v| = 1 (global v) or 2 (local v).
 
-The backward only scales the stored gradient by the incoming one (skipped when it is exactly 1).
+:func:`dino_loss_from_targets` runs the student step on given targets (Sinkhorn-Knopp's).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -64,8 +69,31 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
 
 
-class _EagerDINOLossFunction(torch.autograd.Function):
-    """Folded-target loss in plain PyTorch with the analytic gradient computed in the forward (Liger-style)."""
+def _check_triton(*tensors: torch.Tensor) -> None:
+    """The Triton path needs its tensors on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        raise RuntimeError("dino_loss_triton needs the `triton` package")
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors):
+        raise ValueError(f"student, teacher and center must be on one device, got {[str(t.device) for t in tensors]}")
+    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"dino_loss_triton runs on CUDA tensors (got {dev}); use the 'eager' implementation on CPU")
+
+
+class _StoredGradLoss(torch.autograd.Function):
+    """A student step: ``forward(ctx, student_output, targets, student_temp, ncrops, compute_grad)`` returns the loss
+    and saves ∂loss/∂student (None without ``compute_grad``); backward only scales it."""
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if grad is not None:  # scaled on the device: checking for grad_loss == 1 first would sync the host
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+class _EagerStudentLoss(_StoredGradLoss):
+    """Folded-target loss in plain PyTorch (fp32 math) against dense targets q [2, B, K]."""
 
     @staticmethod
     def forward(ctx, student_output: torch.Tensor, q: torch.Tensor, student_temp: float, ncrops: int,
@@ -97,49 +125,14 @@ class _EagerDINOLossFunction(torch.autograd.Function):
         ctx.save_for_backward(grad)
         return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        if grad is not None:  # scaled on the device: checking for grad_loss == 1 first would sync the host
-            grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None
 
-
-def dino_loss_eager(
-    student_output: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-    ncrops: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded-target DINO loss in plain PyTorch (fp32 math). The CPU path and the fallback of the Triton one.
-
-    The gradient w.r.t. ``student_output``, (|Q_v|·softmax(s_v/τs) − Q_v) / (τs·B·n_terms), is computed in the
-    forward and stored (in the student dtype); backward only scales it. ~5× faster than the pair loop on CPU, ~2×
-    on an H100 (where the Triton path is ~10×).
-
-    Args:
-        student_output: [ncrops·B, K] logits (any float dtype), crop order G1, G2, L1..LN.
-        teacher_output: [2·B, K] logits (no gradient).
-        center: [1, K].
-        teacher_temp, student_temp: τt, τs.  ncrops: 2 + N.
-
-    Returns:
-        ``(loss, teacher_colsum)``: fp32 scalar and fp32 [1, K] column sum of the raw teacher logits.
-    """
-    b, k = _check_shapes(student_output, teacher_output, center, ncrops)
-    # The loss runs under the trainer's autocast; keep every op here (einsum included) in fp32.
-    with torch.autocast(device_type=student_output.device.type, enabled=False):
-        teacher = teacher_output.detach().float()
-        q = torch.softmax((teacher - center.detach().float().reshape(1, k)) / teacher_temp, dim=-1).view(2, b, k)
-        # needs_input_grad stays True under no_grad: decide here whether a gradient is wanted at all.
-        want_grad = torch.is_grad_enabled() and student_output.requires_grad
-        loss = _EagerDINOLossFunction.apply(student_output, q, student_temp, ncrops, want_grad)
-        return loss, teacher.sum(dim=0, keepdim=True)
-
-
-IMPLEMENTATIONS = {"eager": dino_loss_eager}
+def _eager_teacher_targets(teacher_output: torch.Tensor, center: torch.Tensor,
+                           teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense targets q = softmax((t − c)/τt) as [2, B, K] fp32, and the column sum [1, K] of the teacher rows."""
+    teacher = teacher_output.detach().float()
+    rows, k = teacher.shape
+    q = torch.softmax((teacher - center.detach().float().reshape(1, k)) / teacher_temp, dim=-1)
+    return q.view(2, rows // 2, k), teacher.sum(dim=0, keepdim=True)
 
 
 if triton is not None:
@@ -346,112 +339,15 @@ def student_loss_and_grad(
     return row_loss.sum(), grad if compute_grad else None
 
 
-def dino_loss_triton_forward(
-    student_output: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-    ncrops: int,
-    compute_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Validate and launch both kernels; returns ``(loss, teacher_colsum, grad_student)`` (for grad_output = 1).
-
-    Args:
-        student_output: [ncrops·B, K] logits, fp32/bf16/fp16, rows may be strided (else copied to contiguous).
-        teacher_output: [2·B, K] logits (no gradient flows to them).
-        center: [1, K] (any float dtype; read as fp32).
-        teacher_temp, student_temp: τt, τs.
-        ncrops: 2 + number of local crops.
-        compute_grad: write ∂loss/∂student (in the student dtype) during the forward.
-    """
-    if triton is None:
-        raise RuntimeError("dino_loss_triton needs the `triton` package")
-    _check_shapes(student_output, teacher_output, center, ncrops)
-    dev = student_output.device
-    if teacher_output.device != dev or center.device != dev:
-        raise ValueError(f"student, teacher and center must be on one device, got {dev}, {teacher_output.device}, "
-                         f"{center.device}")
-    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"dino_loss_triton runs on CUDA tensors (got {dev}); use the 'eager' implementation on CPU")
-    targets, colsum = teacher_targets_and_colsum(teacher_output, center, teacher_temp)
-    loss, grad = student_loss_and_grad(student_output, targets, student_temp, ncrops, compute_grad)
-    return loss, colsum, grad
-
-
-class DINOLossFunction(torch.autograd.Function):
-    """Loss and column sum in the forward; the student gradient is computed there too and only scaled here."""
+class _TritonStudentLoss(_StoredGradLoss):
+    """The student kernel against targets in the teacher kernel's block form (:class:`TeacherTargets`)."""
 
     @staticmethod
-    def forward(ctx, student_output, teacher_output, center, teacher_temp, student_temp, ncrops, compute_grad):
-        loss, colsum, grad = dino_loss_triton_forward(
-            student_output, teacher_output, center, teacher_temp, student_temp, ncrops, compute_grad=compute_grad
-        )
-        ctx.save_for_backward(grad if compute_grad else None)
-        ctx.mark_non_differentiable(colsum)
-        return loss, colsum
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_colsum):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None, None, None
-        # Always scaled, on the device: skipping the multiply when grad_loss == 1 would need the host to read it (a
-        # sync per step); the multiply is one read+write of the gradient (~40 µs for 12×64×65536 bf16 on an H100).
-        grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None, None, None
-
-
-def dino_loss_triton(
-    student_output: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-    ncrops: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused DINO loss (Triton); same contract as :func:`dino_loss_eager`.
-
-    Args:
-        student_output: [ncrops·B, K] student logits (fp32/bf16; math in fp32), crop order G1, G2, L1..LN.
-        teacher_output: [2·B, K] teacher logits (G1, G2); treated as constants.
-        center: [1, K] center (the old one: the caller updates it afterwards with the returned column sum).
-        teacher_temp: τt.  student_temp: τs.  ncrops: 2 + N.
-
-    Returns:
-        ``loss`` (fp32 scalar, differentiable w.r.t. ``student_output``) and ``teacher_colsum`` (fp32 [1, K],
-        Σ_rows of the raw teacher logits).
-
-    Math: loss = Σ_v mean_b [ |Q_v|·LSE(s_v/τs) − Q_v·s_v/τs ] / (2·(ncrops−1)), Q_v = Σ_{iq≠v} q_iq.
-    """
-    # needs_input_grad stays True under no_grad: decide here whether a gradient is wanted at all.
-    want_grad = torch.is_grad_enabled() and student_output.requires_grad
-    return DINOLossFunction.apply(student_output, teacher_output, center, teacher_temp, student_temp, ncrops, want_grad)
-
-
-if triton is not None:
-    IMPLEMENTATIONS["triton"] = dino_loss_triton
-
-
-# ---- the loss from given teacher targets (Sinkhorn-Knopp centering: the targets are not a centered softmax)
-
-
-class _TargetsLossFunction(torch.autograd.Function):
-    """Fused student kernel against precomputed targets q [2, B, K]; gradient computed in the forward."""
-
-    @staticmethod
-    def forward(ctx, student_output: torch.Tensor, q: torch.Tensor, student_temp: float, ncrops: int,
+    def forward(ctx, student_output: torch.Tensor, targets: TeacherTargets, student_temp: float, ncrops: int,
                 compute_grad: bool):
-        b, k = q.shape[1], q.shape[2]
-        loss, grad = student_loss_and_grad(student_output, _targets_from_probabilities(q.view(2 * b, k)),
-                                           student_temp, ncrops, compute_grad)
+        loss, grad = student_loss_and_grad(student_output, targets, student_temp, ncrops, compute_grad)
         ctx.save_for_backward(grad)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_loss.to(grad.dtype)), None, None, None, None
 
 
 def _targets_from_probabilities(q: torch.Tensor) -> TeacherTargets:
@@ -465,14 +361,67 @@ def _targets_from_probabilities(q: torch.Tensor) -> TeacherTargets:
     return TeacherTargets(e, torch.zeros_like(block_sum), block_sum, block)
 
 
+class _Path(NamedTuple):
+    """One implementation's two steps, and how it takes given (dense) targets."""
+
+    teacher: Callable  # (teacher_output, center, τt) → (targets, colsum [1, K])
+    from_probabilities: Callable  # dense targets [2·B, K] fp32 → the student step's targets
+    student: type[_StoredGradLoss]
+
+
+_PATHS = {
+    "eager": _Path(_eager_teacher_targets, lambda q: q.view(2, q.shape[0] // 2, q.shape[1]), _EagerStudentLoss),
+    "triton": _Path(teacher_targets_and_colsum, _targets_from_probabilities, _TritonStudentLoss),
+}
+
+
+def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float,
+              student_temp: float, ncrops: int, impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded DINO loss: the teacher step, then the student step (see the module docstring).
+
+    Args:
+        student_output: [ncrops·B, K] logits (fp32/bf16/fp16; math in fp32), crop order G1, G2, L1..LN; rows may be
+            strided (elements within a row contiguous, else copied).
+        teacher_output: [2·B, K] logits (G1, G2), treated as constants.
+        center: [1, K], the old one: the caller updates it afterwards with the returned column sum.
+        teacher_temp, student_temp: τt, τs.  ncrops: 2 + N.
+        impl: "eager" (plain PyTorch: the CPU path and the fallback) or "triton" (the fused kernels: CUDA, or CPU
+            tensors under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``loss`` (fp32 scalar, differentiable w.r.t. ``student_output``; the gradient, stored in the student dtype,
+        is computed in the forward) and ``teacher_colsum`` (fp32 [1, K], Σ_rows of the raw teacher logits).
+
+    Math: loss = Σ_v mean_b [ |Q_v|·LSE(s_v/τs) − Q_v·s_v/τs ] / (2·(ncrops−1)), Q_v = Σ_{iq≠v} q_iq.
+    """
+    _check_shapes(student_output, teacher_output, center, ncrops)
+    if impl == "triton":
+        _check_triton(student_output, teacher_output, center)
+    path = _PATHS[impl]
+    # needs_input_grad stays True under no_grad: decide here whether a gradient is wanted at all.
+    want_grad = torch.is_grad_enabled() and student_output.requires_grad
+    # The loss runs under the trainer's autocast; keep every op here (einsum included) in fp32.
+    with torch.autocast(device_type=student_output.device.type, enabled=False):
+        targets, colsum = path.teacher(teacher_output, center, teacher_temp)
+        return path.student.apply(student_output, targets, student_temp, ncrops, want_grad), colsum
+
+
 def dino_loss_from_targets(student_output: torch.Tensor, targets: torch.Tensor, student_temp: float, ncrops: int,
                            impl: str = "eager") -> torch.Tensor:
     """The DINO cross-entropy against given teacher targets ``[2·B, K]`` (rows are distributions, e.g. from
-    :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`); same pairs, folding and gradient as :func:`dino_loss_eager`.
-    ``impl``: "eager" or "triton" (the fused student kernel reading the dense targets)."""
-    b, k = _check_shapes(student_output, targets, targets.new_zeros(1, targets.shape[1]), ncrops)
+    :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`): the student step of :func:`dino_loss`, same pairs, folding and
+    gradient. ``impl``: "eager" or "triton" (the fused student kernel reading the dense targets)."""
+    _check_shapes(student_output, targets, targets.new_zeros(1, targets.shape[1]), ncrops)
+    path = _PATHS[impl]
     want_grad = torch.is_grad_enabled() and student_output.requires_grad
     with torch.autocast(device_type=student_output.device.type, enabled=False):
-        q = targets.detach().float().view(2, b, k)
-        fn = _TargetsLossFunction if impl == "triton" else _EagerDINOLossFunction
-        return fn.apply(student_output, q, student_temp, ncrops, want_grad)
+        q = path.from_probabilities(targets.detach().float())
+        return path.student.apply(student_output, q, student_temp, ncrops, want_grad)
+
+
+# The implementations under the common signature fn(student_output, teacher_output, center, τt, τs, ncrops).
+dino_loss_eager = functools.partial(dino_loss, impl="eager")
+dino_loss_triton = functools.partial(dino_loss, impl="triton")
+IMPLEMENTATIONS = {"eager": dino_loss_eager}
+if triton is not None:
+    IMPLEMENTATIONS["triton"] = dino_loss_triton

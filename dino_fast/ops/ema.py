@@ -3,34 +3,29 @@
 Implementations share one signature ``fn(teacher_params, student_params, momentum) -> None`` (in place on the
 teacher, fp32; the student may be fp32 or bf16).
 
-The Triton path (:class:`FlatEMA`, wrapped by :func:`ema_triton`) lays the teacher parameters out in one flat fp32
-buffer and re-points them as views into it. Where the student's parameters already live in one flat buffer (DeepSpeed
-ZeRO 0–2 flatten each optimizer param group into one bf16/fp32 tensor and re-point the module's parameters into it),
-the teacher mirrors that buffer's layout, so each student buffer costs one streaming kernel over
-``[read t, read s, write t]``. Student parameters that are not part of such a buffer go through one grouped launch
-(a table of pointers and sizes, one program per block of any tensor); anything the kernels cannot take (a
-non-contiguous student tensor, a non-fp32 teacher) falls back to the reference op. Buffers are not averaged.
+The Triton path (:class:`FlatEMA`, which :class:`dino_fast.teacher.TeacherEMA` holds; :func:`ema_triton` is its
+one-off functional form) lays the teacher parameters out in one flat fp32 buffer and re-points them as views into
+it. Where the student's parameters already live in one flat buffer (DeepSpeed ZeRO 0–2 flatten each optimizer param
+group into one bf16/fp32 tensor and re-point the module's parameters into it), the teacher mirrors that buffer's
+layout, so each student buffer costs one streaming kernel over ``[read t, read s, write t]``. Student parameters
+that are not part of such a buffer go through one grouped launch (a table of pointers and sizes, one program per
+block of any tensor); anything the kernels cannot take (a non-contiguous student tensor, a non-fp32 teacher) falls
+back to the reference loop (:mod:`dino_fast.ops.reference`). Buffers are not averaged.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import torch
+
+from dino_fast.ops.reference import ema_reference_loop
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is a hard dependency; the torch paths still work without it
     triton = None
-
-
-@torch.no_grad()
-def ema_reference_loop(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """The reference algorithm: one mul_/add_ pair per parameter (the baseline for benchmarks)."""
-    for t, s in zip(teacher_params, student_params):
-        t.mul_(momentum).add_((1 - momentum) * s.detach().to(t.dtype))
 
 
 @torch.no_grad()
@@ -267,26 +262,11 @@ class FlatEMA:
         return len(self.span_jobs) + len(self.group_jobs)
 
 
-_CACHE: OrderedDict[tuple[int, ...], FlatEMA] = OrderedDict()
-_CACHE_SIZE = 4
-
-
 def ema_triton(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """Fused EMA with the common signature: builds (once per parameter set) and applies a :class:`FlatEMA`.
-
-    The layout is cached on the identity of the parameter tensors (the cache holds them, so ids stay unique); the
-    first call re-points the teacher's parameters into the flat buffer. The student's storage is never re-pointed.
-    """
-    key = tuple(map(id, teacher_params)) + (-1,) + tuple(map(id, student_params))
-    ema = _CACHE.get(key)
-    if ema is None:
-        ema = FlatEMA(teacher_params, student_params)
-        _CACHE[key] = ema
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
-    ema.update(momentum)
+    """One fused update with the common signature: lays out a :class:`FlatEMA` (re-pointing the teacher's parameters
+    into its flat buffer) and applies it. The layout is built on every call; a training loop keeps one FlatEMA
+    instead (:class:`dino_fast.teacher.TeacherEMA` does). The student's storage is never re-pointed."""
+    FlatEMA(teacher_params, student_params).update(momentum)
 
 
 if triton is not None:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from dino_fast.dist import world_size
 
 
 def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
-    if _world() > 1:
+    if world_size() > 1:
         dist.all_reduce(x, op=op)
     return x
 
@@ -55,7 +53,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     global _compiled_single_rank
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
         t = teacher_logits.detach().float()
-        world = _world()
+        world = world_size()
         if world == 1:
             if t.is_cuda:  # one fused kernel chain instead of ~5 launches per round over [R, K]
                 if _compiled_single_rank is None:
