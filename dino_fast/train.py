@@ -80,6 +80,16 @@ def _quiet_cpu_startup() -> None:
     logging.getLogger("torch.utils.cpp_extension").addFilter(_DropMessages("No CUDA runtime is found"))
 
 
+def shm_op_is_built(extensions_dir: str | None = None) -> bool:
+    """Whether DeepSpeed's CPU shared-memory op has been built before, under ``TORCH_EXTENSIONS_DIR`` or torch's
+    default build root (one folder per Python and CUDA version there)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    patterns = ("deepspeed_shm_comm/deepspeed_shm_comm*.so", "*/deepspeed_shm_comm/deepspeed_shm_comm*.so")
+    return any(next(root.glob(p), None) is not None for p in patterns)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed with the accelerator's backend; (rank, world, local_rank).
 
@@ -96,6 +106,8 @@ def init_distributed() -> tuple[int, int, int]:
     if torch.cuda.is_available():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     else:  # CPU: DeepSpeed builds (or loads) its shared-memory op and prints that it did, on every start
+        if os.environ["RANK"] == "0" and not shm_op_is_built():
+            print("dino_fast: building DeepSpeed's CPU communication op with g++ (once; about a minute)", flush=True)
         out = io.StringIO()
         try:
             with contextlib.redirect_stdout(out):
