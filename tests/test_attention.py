@@ -28,11 +28,15 @@ def _last_block_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.blocks[0](model._pos_embed(model.patch_embed(x)))
 
 
-def test_attention_equals_manual_qk_softmax_in_float64():
+def _attention_case(*shape: int) -> tuple:
+    """A tiny ViT, random images of ``shape``, its last block's attention as the module gives it, and that block."""
     model = _tiny_vit()
-    x = torch.randn(2, 3, 32, 40)
-    got = last_block_attention(model, x)
-    blk = model.blocks[-1]
+    x = torch.randn(*shape)
+    return model, x, last_block_attention(model, x), model.blocks[-1]
+
+
+def test_attention_equals_manual_qk_softmax_in_float64():
+    model, x, got, blk = _attention_case(2, 3, 32, 40)
     with torch.no_grad():
         t = _last_block_input(model, x).double()
         t = F.layer_norm(t, (192,), blk.norm1.weight.double(), blk.norm1.bias.double(), blk.norm1.eps)
@@ -48,10 +52,7 @@ def test_attention_equals_manual_qk_softmax_in_float64():
 
 
 def test_it_is_the_attention_the_block_uses():
-    model = _tiny_vit()
-    x = torch.randn(1, 3, 32, 32)
-    a = last_block_attention(model, x)
-    blk = model.blocks[-1]
+    model, x, a, blk = _attention_case(1, 3, 32, 32)
     with torch.no_grad():
         inp = _last_block_input(model, x)
         v = blk.attn.qkv(blk.norm1(inp))[..., 384:].reshape(1, -1, 3, 64).transpose(1, 2)

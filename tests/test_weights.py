@@ -70,6 +70,15 @@ def _layouts(tmp_path, source: torch.nn.Module, other: torch.nn.Module) -> dict[
     return files
 
 
+def _pretrained_student(path) -> tuple:
+    """The tiny configured run (ViT-Tiny/8, depth 1, 32 px) with ``model.pretrained=path``: (config, student)."""
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16_224", "model.patch_size=8", "model.depth=1",
+                             "model.out_dim=64", "data.global_crop_size=32", "logging.progress=none",
+                             f"model.pretrained={path}"])
+    wrapped, _ = build_student_teacher(cfg.model, 32)
+    return cfg, wrapped
+
+
 @pytest.mark.parametrize("layout", ["export", "timm_safetensors", "timm_pth", "timm_train", "reference_checkpoint",
                                     "bare_backbone"])
 def test_every_layout_loads_with_the_sources_outputs(tmp_path, layout):
@@ -82,10 +91,7 @@ def test_every_layout_loads_with_the_sources_outputs(tmp_path, layout):
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
     # model.pretrained: into the configured student (a fresh init of other values).
-    cfg = load_config(None, ["model.arch=vit_tiny_patch16_224", "model.patch_size=8", "model.depth=1",
-                             "model.out_dim=64", "data.global_crop_size=32", "logging.progress=none",
-                             f"model.pretrained={path}"])
-    wrapped, _ = build_student_teacher(cfg.model, 32)
+    cfg, wrapped = _pretrained_student(path)
     init_from_pretrained(cfg, wrapped)
     got = wrapped.backbone.state_dict()
     for k, v in _backbone_sd(source).items():
@@ -105,10 +111,7 @@ def test_position_embedding_of_another_grid_is_resampled_bicubic(tmp_path):
     resampling of the grid part, the CLS position kept, written out here with torch's interpolate."""
     big = _vit(3, img=64)
     torch.save(_backbone_sd(big), tmp_path / "b.pth")
-    cfg = load_config(None, ["model.arch=vit_tiny_patch16_224", "model.patch_size=8", "model.depth=1",
-                             "model.out_dim=64", "data.global_crop_size=32", "logging.progress=none",
-                             f"model.pretrained={tmp_path / 'b.pth'}"])
-    wrapped, _ = build_student_teacher(cfg.model, 32)
+    cfg, wrapped = _pretrained_student(tmp_path / "b.pth")
     init_from_pretrained(cfg, wrapped)
     pe = big.pos_embed.detach()
     grid = pe[:, 1:].reshape(1, 8, 8, 192).permute(0, 3, 1, 2)
@@ -125,9 +128,7 @@ def test_position_embedding_of_another_grid_is_resampled_bicubic(tmp_path):
 ])
 def test_a_file_that_does_not_fit_is_one_line_naming_the_mismatch(tmp_path, file_kwargs, expected):
     torch.save(_backbone_sd(_vit(4, **file_kwargs)), tmp_path / "w.pth")
-    cfg = load_config(None, ["model.arch=vit_tiny_patch16_224", "model.patch_size=8", "model.depth=1",
-                             "model.out_dim=64", "data.global_crop_size=32", f"model.pretrained={tmp_path / 'w.pth'}"])
-    wrapped, _ = build_student_teacher(cfg.model, 32)
+    cfg, wrapped = _pretrained_student(tmp_path / "w.pth")
     with pytest.raises(ConfigError) as exc:
         init_from_pretrained(cfg, wrapped)
     msg = str(exc.value)
