@@ -70,14 +70,18 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.starts)
 
 
+_DEEPSPEED_CPU_NOTICES = _DropMessages("Setting accelerator to CPU", "Setting ds_accelerator")
+_TORCH_CPU_NOTICES = _DropMessages("No CUDA runtime is found")
+
+
 def _quiet_cpu_startup() -> None:
     """Keep three lines a CPU run cannot act on out of the output: DeepSpeed's "Setting accelerator to CPU ... unable
     to detect it" (its logger is created on import, so the filter goes on first), torch's "No CUDA runtime is found"
     and the "built successfully" print of DeepSpeed's shared-memory op (in :func:`init_distributed`)."""
     if torch.cuda.is_available():
         return
-    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU", "Setting ds_accelerator"))
-    logging.getLogger("torch.utils.cpp_extension").addFilter(_DropMessages("No CUDA runtime is found"))
+    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICES)  # one instance: adding it again is a no-op
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_TORCH_CPU_NOTICES)
 
 
 def shm_op_is_built(extensions_dir: str | None = None) -> bool:
