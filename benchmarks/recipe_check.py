@@ -111,7 +111,8 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(f"**{r['knn_after']:.2f}%** ({r['knn_after'] - r['knn_before']:+.2f}{steps}); loss "
                          f"{r['loss_last10']:.2f} (ln K {'−' if gap >= 0 else '+'} {abs(gap):.2f}); "
                          + ("collapse warning" if warned else "no warning"))
-        lines.append(f"| {name} | {first['steps']} | {first['knn_before']:.2f}% | " + " | ".join(cells) + " |")
+        label = f"{name} (tuning)" if name in TUNING_SETS else name
+        lines.append(f"| {label} | {first['steps']} | {first['knn_before']:.2f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
