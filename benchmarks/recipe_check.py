@@ -22,12 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-TUNING_SETS = ("demo", "textures-hard")  # the recipe may be tuned on these; every other set is held out
+TUNING_SETS = ("demo", "textures-hard", "photos")  # the recipe may be tuned on these; every other set is held out
 
 
 def dataset_path(name: str, root: Path) -> str:
     """``demo`` (the embedded set), ``textures-hard`` (the demo's textures with wider nuisances: a second tuning
-    set, since the demo set is saturated at ~98%) or a held-out set of :mod:`benchmarks.heldout_data`."""
+    set, since the demo set is saturated at ~98%), ``photos`` (grey patches of real photographs,
+    :mod:`benchmarks.tuning_data`: a tuning set of another kind than textures) or a held-out set of
+    :mod:`benchmarks.heldout_data`."""
     if name == "demo":
         return "demo"
     folder = root / name
@@ -36,6 +38,10 @@ def dataset_path(name: str, root: Path) -> str:
             from pipelines.demo_data import generate as generate_textures
 
             generate_textures(folder, hard=True)
+        elif name == "photos":
+            from benchmarks.tuning_data import generate as generate_photos
+
+            generate_photos(folder)
         else:
             from benchmarks.heldout_data import generate
 
