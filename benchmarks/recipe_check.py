@@ -1,6 +1,6 @@
 """Does the demo recipe learn on data it was not tuned on? One 300-step CPU run per dataset, ``data.path`` changed only.
 
-For each dataset (the tuning sets ``demo`` and ``textures-hard``, and the held-out sets of
+For each dataset (the tuning sets ``demo``, ``textures-hard`` and ``photos``, and the held-out sets of
 :mod:`benchmarks.heldout_data`: ``glyphs``, ``shapes``, ``digits``, ...) this runs
 ``python -m dino_fast.train --config dino_fast/configs/demo.yaml data.path=<set> [extra overrides]`` and reports the
 teacher's k-NN top-1 before → after, the loss and teacher entropy over the first and last 10 steps against ln K, the

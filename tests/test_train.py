@@ -152,8 +152,9 @@ def test_demo_recipe_learns_without_collapse(tmp_path):
     than 1 nat below ln K (a head that learnt nothing sits at ln K), no collapse warning is printed, and the run
     ends with its summary (k-NN before → after, loss and entropy, the metrics plot it drew).
 
-    The same recipe with only data.path changed is checked on two held-out datasets in benchmarks/recipe_check.py
-    (README "Small datasets"); the collapse warning itself is tested on a run that does collapse in test_health.py.
+    The same recipe with only data.path changed is checked on the held-out datasets (glyphs, shapes, digits) in
+    benchmarks/recipe_check.py (README "Small datasets"); the collapse warning itself is tested on a run that does
+    collapse in test_health.py.
     """
     import json
     import math
