@@ -175,3 +175,21 @@ def test_bench_profile_device_timeline_arithmetic():
     assert ph["dino:loss"]["device_ms"] == ms(35 / 2) and ph["dino:backward"]["device_ms"] == ms(130 / 2)
     assert ph["dino:loss"]["host_ms"] == ms(50 / 2) and ph["dino:loss"]["host_syncs"] == 0.5
     assert ph["dino:backward"]["kernels"] == 0.5 and ph["dino:clip"]["ranges"] == 0 and ph["dino:clip"]["host_ms"] == 0
+
+
+def test_readme_recipe_table_and_demo_numbers_match_the_results_file():
+    """The README's "Small datasets" table is the one recipe_check prints from its results file, and the numbers the
+    README's introduction gives for `make demo` are the current recipe's demo row (first recipe of the file)."""
+    from pathlib import Path
+
+    from benchmarks.recipe_check import markdown_table
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    rows = json.loads((repo / "benchmarks/results/recipe_check_cpu.json").read_text())["rows"]
+    block = readme.split("<!-- recipe-check:start -->\n")[1].split("\n<!-- recipe-check:end -->")[0]
+    assert block == markdown_table(rows)
+    demo = next(r for r in rows if r["dataset"] == "demo")
+    intro = " ".join(readme.split("## Training")[0].split())
+    assert f"{demo['knn_before']:.2f}% for the random network → {demo['knn_after']:.2f}% after" in intro
+    assert f"the loss from {demo['loss_first10']:.2f} to {demo['loss_last10']:.2f} nats" in intro
