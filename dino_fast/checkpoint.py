@@ -194,7 +194,8 @@ class Checkpointer:
                                save_latest=False)
         tmp = tmp_root / tag
         fingerprint = teacher_fingerprint(teacher, dino_loss.center)
-        torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu()}, tmp / f"rank{me}_state.pt")
+        torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu(),  # + this rank's Sinkhorn-Knopp queue
+                    **{k: v.detach().cpu() for k, v in dino_loss.rank_state().items()}}, tmp / f"rank{me}_state.pt")
         _check_ranks_agree(fingerprint)
         if me == 0:
             torch.save(teacher.state_dict(), tmp / "teacher.pt")
@@ -283,6 +284,8 @@ class Checkpointer:
         state = torch.load(path / "dino_state.pt", map_location=device)
         dino_loss.center.copy_(state["center"])
         rank_file = path / f"rank{rank()}_state.pt"
-        if rank_file.exists():  # absent when resuming with more ranks than saved: fresh RNG on the new ranks
-            _set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+        if rank_file.exists():  # absent when resuming with more ranks than saved: fresh RNG and queue on the new ranks
+            rank_state = torch.load(rank_file, weights_only=False)
+            _set_rng_state(rank_state["rng"])
+            dino_loss.load_rank_state(rank_state)
         return TrainPosition(state["epoch"], state["step_in_epoch"], state["global_step"])

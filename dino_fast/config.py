@@ -73,6 +73,9 @@ class DinoConfig:
     ema_impl: str = "auto"  # auto | foreach | triton  (env DINO_FAST_EMA overrides)
     centering: str = "centering"  # centering (the reference) | sinkhorn_knopp (DINOv2's teacher targets)
     sinkhorn_iterations: int = 3
+    # Sinkhorn-Knopp over this step's teacher rows plus this many of the previous steps' (per rank, a FIFO queue of
+    # teacher logits): the prototype balance is then spread over more images than one batch holds. 0: off (DINOv2).
+    sinkhorn_queue: int = 0
     koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop CLS features; 0: off (reference)
 
 
@@ -304,6 +307,12 @@ def validate(cfg: Config) -> None:
         (cfg.model.out_dim >= 2, "model.out_dim must be ≥ 2"),
         (cfg.dino.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations must be ≥ 1"),
         (cfg.dino.koleo_weight >= 0, "dino.koleo_weight must be ≥ 0"),
+        (cfg.dino.sinkhorn_queue >= 0, "dino.sinkhorn_queue must be ≥ 0"),
+        (cfg.dino.sinkhorn_queue == 0 or cfg.dino.centering == "sinkhorn_knopp",
+         "dino.sinkhorn_queue needs dino.centering=sinkhorn_knopp"),
+        (not (cfg.dino.sinkhorn_queue and cfg.train.cuda_graph),
+         "dino.sinkhorn_queue is not captured by train.cuda_graph=true (its fill level is read on the host); set "
+         "dino.sinkhorn_queue=0 or train.cuda_graph=false"),
         (cfg.dino.koleo_weight == 0 or cfg.data.batch_size_per_gpu >= 2,
          "dino.koleo_weight needs data.batch_size_per_gpu ≥ 2 (nearest neighbours within a crop's batch)"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1"),

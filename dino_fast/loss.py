@@ -42,10 +42,14 @@ class DINOLoss(nn.Module):
             normalised targets, :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`; the center is still tracked, for the
             health metrics, but not used).
         sinkhorn_iterations: normalisation rounds of Sinkhorn-Knopp.
+        sinkhorn_queue: Sinkhorn-Knopp normalises this step's teacher rows together with up to this many teacher
+            rows of the previous steps (a FIFO of this rank's logits, buffer ``sinkhorn_queue``); the targets are
+            the current rows'. 0: off.
     """
 
     def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 impl: str = "auto", centering: str = "centering", sinkhorn_iterations: int = 3):
+                 impl: str = "auto", centering: str = "centering", sinkhorn_iterations: int = 3,
+                 sinkhorn_queue: int = 0):
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
@@ -58,6 +62,9 @@ class DINOLoss(nn.Module):
         # (all-reduce handle or None, this rank's batch column sum, rows it sums over): the update not yet applied.
         self._pending: tuple[torch.distributed.Work | None, torch.Tensor, int] | None = None
         self.register_buffer("center", torch.zeros(1, out_dim))
+        if sinkhorn_queue:  # only then: checkpoints of runs without a queue keep their keys
+            self.register_buffer("sinkhorn_queue", torch.zeros(sinkhorn_queue, out_dim))
+            self.register_buffer("sinkhorn_queue_rows", torch.zeros((), dtype=torch.long))  # filled so far
         self.impl = self._select_impl()
 
     def _select_impl(self) -> str:
@@ -83,11 +90,38 @@ class DINOLoss(nn.Module):
         self.apply_center_update()  # older than what is loaded: applied first, then overwritten
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """This rank's own state for a checkpoint (the Sinkhorn-Knopp queue; empty without one)."""
+        return {k: v for k, v in self._buffers.items() if k.startswith("sinkhorn_queue")}
+
+    @torch.no_grad()
+    def load_rank_state(self, state: dict) -> None:
+        """Restore :meth:`rank_state`. A queue of another size (``dino.sinkhorn_queue`` changed) or none in the
+        checkpoint starts empty again."""
+        mine = self.rank_state()
+        if mine and mine["sinkhorn_queue"].shape == getattr(state.get("sinkhorn_queue"), "shape", None):
+            for k, v in mine.items():
+                v.copy_(state[k])
+        elif mine:
+            mine["sinkhorn_queue_rows"].zero_()
+
     def sinkhorn_targets(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor | None:
         """The Sinkhorn-Knopp targets [2·B, K] of this step (None with the reference centering)."""
         if self.centering != "sinkhorn_knopp":
             return None
-        return sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations)
+        if "sinkhorn_queue" not in self._buffers:
+            return sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations)
+        queue, rows = self._buffers["sinkhorn_queue"], teacher_output.shape[0]
+        filled = int(self._buffers["sinkhorn_queue_rows"])  # the same on every rank: one push per step
+        q = sinkhorn_knopp(torch.cat([teacher_output.detach().float(), queue[:filled]]), teacher_temp,
+                           self.sinkhorn_iterations)[:rows]
+        with torch.no_grad():  # newest first: shift the queue down by this step's rows
+            keep = min(filled, queue.shape[0] - rows)
+            if keep > 0:
+                queue[rows:rows + keep] = queue[:keep].clone()
+            queue[:min(rows, queue.shape[0])] = teacher_output.detach().float()[:queue.shape[0]]
+            self._buffers["sinkhorn_queue_rows"].fill_(min(filled + rows, queue.shape[0]))
+        return q
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, *, teacher_temp: float,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -166,7 +166,8 @@ def build_training(cfg: Config, device: torch.device, world: int, precision: str
     ncrops = 2 + cfg.data.local_crops_number
     dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.student_temp, cfg.dino.center_momentum,
                          impl=cfg.dino.loss_impl, centering=cfg.dino.centering,
-                         sinkhorn_iterations=cfg.dino.sinkhorn_iterations).to(device)
+                         sinkhorn_iterations=cfg.dino.sinkhorn_iterations,
+                         sinkhorn_queue=cfg.dino.sinkhorn_queue).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   fused=True)  # one multi-tensor kernel per group (torch has it for CPU and CUDA)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,

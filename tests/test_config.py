@@ -39,11 +39,14 @@ def test_overrides_are_type_checked_and_applied():
         ("optim.lr", "key=value"),
         ("data.blur_sigma=[2,0.1]", "data.blur_sigma"),
         ("data.blur_sigma=[0,1]", "data.blur_sigma"),
+        ("dino.sinkhorn_queue=-1", "dino.sinkhorn_queue must be ≥ 0"),
+        ("dino.sinkhorn_queue=64", "dino.sinkhorn_queue needs dino.centering=sinkhorn_knopp"),
+        ("dino.centering=sinkhorn_knopp dino.sinkhorn_queue=64 train.cuda_graph=true", "set dino.sinkhorn_queue=0"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_recipes_load_and_hold_overrides_only():

@@ -134,6 +134,30 @@ def test_dino_loss_with_sinkhorn_centering_uses_sk_targets_and_still_tracks_the_
         DINOLoss(k, ncrops, centering="sinkhorn")
 
 
+def test_sinkhorn_queue_normalises_with_the_previous_steps_teacher_rows():
+    """dino.sinkhorn_queue: each step's targets are the first rows of Sinkhorn-Knopp over this step's teacher rows
+    and the newest ``queue`` rows of the steps before (float64 reference on the concatenation), the queue holds only
+    what has been seen so far, and it travels in the loss module's state dict."""
+    rows, k, size = 6, 48, 15
+    g = torch.Generator().manual_seed(3)
+    loss_fn = DINOLoss(k, 4, impl="eager", centering="sinkhorn_knopp", sinkhorn_queue=size)
+    seen = []
+    for step in range(5):
+        teacher = torch.randn(rows, k, generator=g)
+        q = loss_fn.sinkhorn_targets(teacher, 0.05)
+        history = torch.cat(seen[::-1])[:size] if seen else teacher[:0]  # newest first
+        ref = sinkhorn_float64(torch.cat([teacher, history]), 0.05, 3)[:rows]
+        torch.testing.assert_close(q.double(), ref, rtol=1e-4, atol=1e-9)
+        seen.append(teacher)
+        assert int(loss_fn.sinkhorn_queue_rows) == min(rows * (step + 1), size)
+    assert not torch.equal(q, sinkhorn_float64(teacher, 0.05, 3).float())  # the queue changed the targets
+    restored = DINOLoss(k, 4, impl="eager", centering="sinkhorn_knopp", sinkhorn_queue=size)
+    restored.load_state_dict(loss_fn.state_dict())
+    teacher = torch.randn(rows, k, generator=g)
+    torch.testing.assert_close(restored.sinkhorn_targets(teacher, 0.05), loss_fn.sinkhorn_targets(teacher, 0.05))
+    assert set(DINOLoss(k, 4, centering="sinkhorn_knopp").state_dict()) == {"center"}  # no queue, no new keys
+
+
 def test_compiled_sinkhorn_equals_eager():
     """The fused form used on CUDA (torch.compile of the one-rank arithmetic; inductor's CPU backend here)."""
     from dino_fast.ops.sinkhorn import _single_rank

@@ -18,9 +18,11 @@ from child_env import clean_env
 from runs import REPO, ckpt_dir, free_port, run_main, student_state
 
 
-def test_resume_follows_the_uninterrupted_trajectory(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("options", [[], ["dino.centering=sinkhorn_knopp", "dino.sinkhorn_queue=12"]],
+                         ids=["reference", "sinkhorn-queue"])
+def test_resume_follows_the_uninterrupted_trajectory(options, tiny_overrides, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    base = tiny_overrides + ["checkpoint.every_steps=2"]
+    base = tiny_overrides + ["checkpoint.every_steps=2"] + options
     train(load_config(None, base + [f"checkpoint.output_dir={straight}", "optim.max_steps=4"]))
     train(load_config(None, base + [f"checkpoint.output_dir={split}", "optim.max_steps=2"]))
     train(load_config(None, base + [f"checkpoint.output_dir={split}", "optim.max_steps=4", "checkpoint.resume=auto"]))
