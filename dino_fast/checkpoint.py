@@ -284,8 +284,9 @@ class Checkpointer:
         state = torch.load(path / "dino_state.pt", map_location=device)
         dino_loss.center.copy_(state["center"])
         rank_file = path / f"rank{rank()}_state.pt"
-        if rank_file.exists():  # absent when resuming with more ranks than saved: fresh RNG and queue on the new ranks
+        if rank_file.exists():  # absent when resuming with more ranks than saved: fresh RNG on the new ranks
             rank_state = torch.load(rank_file, weights_only=False)
             _set_rng_state(rank_state["rng"])
-            dino_loss.load_rank_state(rank_state)
+            # The queue only when every rank gets its own back: Sinkhorn-Knopp needs the same rows on every rank.
+            dino_loss.load_rank_state(rank_state if state.get("world_size") == world_size() else {})
         return TrainPosition(state["epoch"], state["step_in_epoch"], state["global_step"])

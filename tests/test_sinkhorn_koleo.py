@@ -155,6 +155,10 @@ def test_sinkhorn_queue_normalises_with_the_previous_steps_teacher_rows():
     restored.load_state_dict(loss_fn.state_dict())
     teacher = torch.randn(rows, k, generator=g)
     torch.testing.assert_close(restored.sinkhorn_targets(teacher, 0.05), loss_fn.sinkhorn_targets(teacher, 0.05))
+    restored.load_rank_state({})  # a checkpoint of another world size: the queue starts over on every rank
+    assert int(restored.sinkhorn_queue_rows) == 0
+    torch.testing.assert_close(restored.sinkhorn_targets(teacher, 0.05).double(), sinkhorn_float64(teacher, 0.05, 3),
+                               rtol=1e-4, atol=1e-9)
     assert set(DINOLoss(k, 4, centering="sinkhorn_knopp").state_dict()) == {"center"}  # no queue, no new keys
 
 
