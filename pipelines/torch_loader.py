@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines.folder import DataError, ImageList
 from pipelines.loader import MultiCropBatch, MultiCropLoader, sample_seed
 from pipelines.spec import CropSpec, MultiCropSpec
-from pipelines.workers import ignore_interrupts, report_worker_failures_at_next
+from pipelines.workers import ignore_interrupts, raise_if_a_worker_died, report_worker_failures_at_next
 
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
@@ -155,3 +155,4 @@ class TorchMultiCropLoader(MultiCropLoader):
         batches = iter(loader)  # starts the workers
         report_worker_failures_at_next()
         yield from batches
+        raise_if_a_worker_died(batches)  # one that died after its last batch of the epoch

@@ -1,6 +1,10 @@
 """The baseline loader: reference augmentation parameters, batch contract, sharding, determinism, resume."""
 
+import os
+import time
+
 import numpy as np
+import psutil
 import pytest
 import torch
 import torchvision.transforms as T
@@ -141,3 +145,24 @@ def test_data_config_reaches_the_spec_and_blur_sigma_takes_effect():
     sharp = augment_crop(img, g1, spec, sample_generator(0, 0, 0))
     blurred = augment_crop(img, g1, MultiCropSpec(global_size=32, global_scale=(0.5, 1.0)), sample_generator(0, 0, 0))
     assert sharp.std() > 1.2 * blurred.std()
+
+
+def test_a_worker_killed_after_its_last_batch_of_the_epoch_is_reported(tiny_image_root):
+    """torch notices a dead worker only while it still waits for that worker's batches; one killed (by the OOM
+    killer, say) after the main process has read all of them went unnoticed, and the next epoch started new workers.
+    That made the trainer's killed-worker test pass or fail with the kill's timing."""
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=2)
+    loader = TorchMultiCropLoader(list_images(tiny_image_root / "train"), spec, batch_size=8, num_workers=2, seed=1)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    for _ in range(loader.steps_per_epoch):  # every batch of the epoch read: no worker has anything left to do
+        next(batches)
+    workers = psutil.Process(os.getpid()).children()
+    assert len(workers) == 2
+    workers[0].kill()
+    while workers[0].status() != psutil.STATUS_ZOMBIE:  # dead, and left for its parent to reap (psutil's wait would)
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match=rf"DataLoader worker \(pid {workers[0].pid}\) is killed by signal: SIGKILL"):
+        next(batches)
+    loader.set_epoch(1)  # a healthy epoch still ends cleanly
+    assert sum(1 for _ in loader) == loader.steps_per_epoch
