@@ -12,7 +12,7 @@ torch's SIGCHLD handler raises a dead worker's error wherever the main process h
   (:func:`report_worker_failures_at_next`); torch's loader notices a dead worker within its 5 s status interval.
   A worker that dies after the main process received its last batch of the epoch is not noticed by torch at all
   (the next epoch starts new workers), so the epoch's end checks how its workers ended
-  (:func:`raise_if_a_worker_died`): the same death gets the same report, whenever it falls;
+  (:func:`raise_if_a_worker_died`): the same death gets the same report, whenever it falls.
   The trainer then checkpoints every finished step before it stops (a signal) or fails (anything else).
 """
 
