@@ -13,7 +13,8 @@ from dino_fast.train import train
 DEMO = Path(__file__).resolve().parents[1] / "dino_fast" / "configs" / "demo.yaml"
 
 
-@pytest.mark.parametrize(("images", "batch", "epochs"), [(2400, 32, 4), (1437, 32, 7), (500, 32, 20), (9000, 32, 1)])
+@pytest.mark.parametrize(("images", "batch", "epochs"),
+                         [(2400, 32, 4), (2400, 64, 8), (1437, 64, 14), (500, 32, 20), (9000, 32, 1)])
 def test_the_budget_becomes_the_nearest_whole_number_of_epochs(images, batch, epochs):
     cfg = load_config(None, ["optim.total_steps=300", "optim.warmup_epochs=1", f"data.batch_size_per_gpu={batch}"])
     steps_per_epoch = images // batch  # the loaders drop the last partial batch

@@ -149,7 +149,7 @@ def test_zero_stages_1_and_2_follow_stage_0(tiny_overrides, tmp_path):
 
 @pytest.mark.slow
 def test_demo_recipe_learns_without_collapse(tmp_path):
-    """The shipped demo recipe, as `make demo` runs it (300 steps on 2,400 textures), meets the small-data targets:
+    """The shipped demo recipe, as `make demo` runs it (~300 steps on 2,400 textures), meets the small-data targets:
     the teacher's k-NN on the held-out split ends ≥ 15 points above the random network's, the DINO loss ends more
     than 1 nat below ln K (a head that learnt nothing sits at ln K), no collapse warning is printed, and the run
     ends with its summary (k-NN before → after, loss and entropy, the metrics plot it drew).
@@ -170,15 +170,19 @@ def test_demo_recipe_learns_without_collapse(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_top1" in r]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in knn] == [0, 300] and all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
-    assert len(steps) == 300
+    recipe = load_config(REPO / "dino_fast/configs/demo.yaml")
+    per_epoch = 2400 // recipe.data.batch_size_per_gpu  # the demo's 2,400 training images, last partial batch dropped
+    epochs = round(recipe.optim.total_steps / per_epoch)  # a step budget of ~300 becomes whole epochs
+    assert [r["step"] for r in knn] == [0, epochs * per_epoch], knn
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
+    assert len(steps) == epochs * per_epoch and abs(epochs * per_epoch - 300) <= per_epoch / 2
     assert knn[1]["knn_top1"] >= knn[0]["knn_top1"] + 15, knn  # 8 classes, 400 held-out images
-    ln_k = math.log(load_config(REPO / "dino_fast/configs/demo.yaml").model.out_dim)
+    ln_k = math.log(recipe.model.out_dim)
     last = sum(r["loss"] for r in steps[-10:]) / 10
     assert last < ln_k - 1.0, (last, ln_k)
     output = proc.stdout + proc.stderr
     assert "collapse" not in output, [line for line in output.splitlines() if "collapse" in line]
-    assert "initial k-NN (teacher, k=20)" in proc.stdout and "epoch 3 k-NN" in proc.stdout
+    assert "initial k-NN (teacher, k=20)" in proc.stdout and f"epoch {epochs - 1} k-NN" in proc.stdout
     assert f"{knn[0]['knn_top1']:.2f}% at the start → {knn[1]['knn_top1']:.2f}% now" in proc.stdout
     assert f"metrics plot: {run / 'metrics.png'}" in proc.stdout and (run / "metrics.png").stat().st_size > 10_000
 
