@@ -213,4 +213,4 @@ def test_the_gpu_checks_train_commands_are_configs_the_trainer_accepts():
         config = words[words.index("--config") + 1]
         overrides = [w for w in words[words.index("--config") + 2:] if "=" in w and not w.startswith("$")]
         cfg = load_config(repo / config, overrides)
-        assert cfg.optim.total_steps == 900 and cfg.eval.knn_every_epochs == 8, line  # what the comment above it says
+        assert cfg.optim.total_steps == 600 and cfg.eval.knn_every_epochs == 8, line  # what the comment above it says
