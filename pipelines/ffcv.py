@@ -68,6 +68,25 @@ def _next_batch(it) -> tuple[np.ndarray, np.ndarray]:
     return result
 
 
+def _stop(it) -> None:
+    """Stop an FFCV EpochIterator and wait for its thread.
+
+    FFCV's ``close()`` only raises a flag: its daemon thread goes on decoding until its queue is full (up to
+    ``batches_ahead`` more batches, in numba's TBB threads), and a process that exits while the thread is inside a
+    TBB parallel region aborts ("terminate called without an active exception"). At the epoch's end the thread may
+    instead wait, without a timeout, to put its end marker into a full queue: taking one batch out lets it finish.
+    """
+    it.terminate_event.set()
+    while it.is_alive():
+        it.join(timeout=0.6)  # the thread checks the flag after each 0.5 s put that finds the queue full
+        if it.is_alive():
+            try:
+                it.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+    it.close()
+
+
 def open_beton(path: str):
     """An ffcv Reader for ``path``, checked to hold the ``image`` and ``label`` fields of ``dino-fast-convert``.
 
@@ -143,7 +162,7 @@ class FFCVMultiCropLoader(MultiCropLoader):
                 glob, loc = self._unpack(torch.from_numpy(rows), self.spec)
                 yield self.start_step + k, glob, loc, torch.from_numpy(labels).view(-1).to(torch.int64)
         finally:
-            it.close()
+            _stop(it)
 
     def __iter__(self):
         cuda = self.device.type == "cuda"

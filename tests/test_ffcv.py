@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 48), (48, 64), (80, 80), (120, 40), (90, 70), (70, 100)]  # (width, height); 120×40 is 3:1
 SPEC = MultiCropSpec(global_size=32, local_size=16, n_local=3)
 PROBE = r"""
-import json, sys
+import json, sys, threading
 import numpy as np, torch
+from ffcv.loader.epoch_iterator import EpochIterator
 from pipelines import ffcv_ops
 from pipelines.ffcv import FFCVMultiCropLoader
 from pipelines.spec import MultiCropSpec
@@ -73,6 +74,9 @@ loader.set_epoch(0)
 batch = next(iter(loader))
 res["crops"] = [[list(c.shape), str(c.dtype), bool(torch.isfinite(c).all())] for c in batch.crops]
 res["labels_dtype"] = str(batch.labels.dtype)
+# the batch above left its epoch after one of 6 batches: FFCV's thread must have stopped, not go on decoding (a
+# process that exits while it is inside numba's TBB pool aborts)
+res["threads_left"] = sum(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
 # every crop the central square (all 10 tries fail or give it): its content can be recomputed independently
 full = MultiCropSpec(global_size=32, local_size=16, n_local=3, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
                      ratio=(1.0, 1.0))
@@ -194,6 +198,7 @@ def test_jit_on_equals_jit_off_and_batches(probes):
         g, loc = [[4, 3, 32, 32], "torch.float32", True], [[4, 3, 16, 16], "torch.float32", True]
         assert res["crops"] == [g, g, loc, loc, loc]
         assert res["labels_dtype"] == "torch.int64"
+        assert res["threads_left"] == 0
 
 
 def test_clear_errors(beton, tmp_path):
