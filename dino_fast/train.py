@@ -271,6 +271,17 @@ def _loader_error(failure: BaseException | None, ckpt: Checkpointer, step: int) 
                        f"resume; if the kernel's OOM killer ended a worker (see dmesg), lower data.num_workers first")
 
 
+def _check_knn_split(cfg: Config) -> None:
+    from pipelines.build import resolve_data_path
+
+    try:
+        resolve_data_path(cfg.data, "val")
+    except DataError as exc:
+        raise DataError(f"{exc}. The k-NN evaluation (eval.knn_at_start, eval.knn_at_end, eval.knn_every_epochs) "
+                        "needs those labelled held-out images: add them, or turn it off with eval.knn_at_start=false "
+                        "eval.knn_at_end=false eval.knn_every_epochs=0") from None
+
+
 def _inject_nan_at() -> int:
     """Test hook: ``DINO_FAST_NAN_AT_STEP=N`` fills step N's first crop with NaN (a late non-finite loss on a real
     run, tests/test_step.py); 0 (unset) does nothing."""
@@ -316,6 +327,8 @@ class _Run:
         self.out_dir = out_dir = Path(cfg.checkpoint.output_dir)
 
         # ---- data, models, schedules, the step
+        if cfg.eval.knn_at_start or cfg.eval.knn_at_end or cfg.eval.knn_every_epochs:
+            _check_knn_split(cfg)  # now, not after the training that the k-NN at the end was to measure
         self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=cfg.seed, device=device)
         self.steps_per_epoch = steps_per_epoch = self.loader.steps_per_epoch
         self.cfg = cfg = with_step_budget(cfg, steps_per_epoch)  # optim.total_steps → optim.epochs for this data

@@ -28,7 +28,10 @@ def resolve_data_path(data_cfg, split: str = "train") -> Path:
     sibling = path.parent / split
     if path.name == "train" and sibling.is_dir():
         return sibling
-    raise DataError(f"no held-out '{split}' folder next to '{path}' (expected '{sibling}')")
+    if path.name != "train":
+        raise DataError(f"no held-out '{split}' split for data.path '{path}': one is looked for only beside a folder "
+                        f"named 'train' (data.path=<root>/train with <root>/{split} next to it)")
+    raise DataError(f"no held-out '{split}' folder '{sibling}' next to data.path '{path}'")
 
 
 def build_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0,

@@ -89,6 +89,23 @@ def test_missing_and_empty_data_paths_are_clear_errors(tiny_overrides, tmp_path,
     assert code == 2 and "holds no images" in err
 
 
+def test_knn_without_a_held_out_split_is_refused_before_training(tiny_image_root, tiny_overrides, tmp_path, capsys):
+    """k-NN at the end needs <root>/val beside data.path=<root>/train: a folder of another name, or a train folder
+    with no val beside it, is refused at once (not after the training) with the overrides that turn k-NN off."""
+    lone = tmp_path / "flowers"
+    shutil.copytree(tiny_image_root / "train", lone)
+    no_val = tmp_path / "split" / "train"
+    shutil.copytree(tiny_image_root / "train", no_val)
+    for data, why in ((lone, "one is looked for only beside a folder named 'train'"),
+                      (no_val, f"no held-out 'val' folder '{no_val.parent / 'val'}'")):
+        run = tmp_path / f"run_{data.name}"
+        code, err = run_main(tiny_overrides + [f"data.path={data}", "eval.knn_at_end=true",
+                                               f"checkpoint.output_dir={run}"], capsys)
+        assert code == 2 and why in err and "eval.knn_at_start=false eval.knn_at_end=false" in err, err
+        assert not (run / "metrics.jsonl").exists()  # refused before the first step
+    train(load_config(None, tiny_overrides + [f"data.path={lone}", "optim.max_steps=1"]))  # no k-NN: trains
+
+
 def test_corrupt_image_is_skipped_with_a_warning(tiny_image_root, tiny_overrides, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_image_root / "train", data)
