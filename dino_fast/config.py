@@ -112,7 +112,7 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     output_dir: str = "runs/dino"
-    every_steps: int = 1000  # also at every epoch end; 0: epoch ends only
+    every_steps: int = 1000  # and at every epoch end of epochs at least this long; 0: epoch ends only
     keep_last: int = 3
     resume: str = "auto"  # auto: newest checkpoint in output_dir if any | none | a checkpoint folder
 

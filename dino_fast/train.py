@@ -451,7 +451,10 @@ class _Run:
                                      self.report.metrics)
             self.report.progress.info(f"epoch {epoch} attention maps: {png}")
         every = cfg.checkpoint.every_steps
-        if end_of_epoch or done or (every and pos.global_step % every == 0):
+        # epoch ends are checkpoints too, unless epochs are shorter than every_steps: then the every_steps cadence
+        # is enough (resume is exact mid-epoch), and a small data set's 2-step epochs do not each pay for a save
+        epoch_save = end_of_epoch and (not every or self.steps_per_epoch >= every)
+        if epoch_save or done or (every and pos.global_step % every == 0):
             self.save()
         return done
 

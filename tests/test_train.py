@@ -44,6 +44,17 @@ def test_resume_follows_the_uninterrupted_trajectory(options, tiny_overrides, tm
     assert len(lines) == 4 and '"step":4' in lines[-1]
 
 
+def test_epochs_shorter_than_every_steps_are_not_each_checkpointed(tiny_overrides, tmp_path):
+    """12-step epochs (96 images, batch 8), every_steps=16: saves at 16 and the last step, 24, not at the end of
+    epoch 0 (step 12). Epochs at least every_steps long keep their epoch-end save (5: 12 too); 0: epoch ends only."""
+    for every, expected in ((16, [16, 24]), (5, [5, 10, 12, 15, 20, 24]), (0, [12, 24])):
+        run = tmp_path / f"run{every}"
+        train(load_config(None, tiny_overrides + [f"checkpoint.output_dir={run}", f"checkpoint.every_steps={every}",
+                                                  "checkpoint.keep_last=10"]))
+        saved = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+        assert saved == expected, every
+
+
 def test_checkpoints_are_pruned_and_hold_everything(tiny_overrides, tmp_path):
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides + [f"checkpoint.output_dir={run}", "optim.max_steps=5",
