@@ -66,6 +66,33 @@ def test_same_seed_same_batch_and_resume_skips_exactly(tiny_image_root):
     assert not torch.equal(next(iter(c)).crops[0], batches_a[0].crops[0])
 
 
+def test_workers_persist_across_epochs_and_serve_each_epochs_own_batches(tiny_image_root):
+    """Two workers kept from epoch to epoch (no fork per epoch) give exactly the batches that a loader without
+    workers gives, epoch after epoch, for a resumed epoch too; leaving an epoch early shuts them down."""
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=2)
+    images = list_images(tiny_image_root / "train")
+    kept = TorchMultiCropLoader(images, spec, batch_size=8, num_workers=2, seed=5)
+    plain = TorchMultiCropLoader(images, spec, batch_size=8, num_workers=0, seed=5)
+    pids = []
+    for epoch, start in ((0, 0), (1, 0), (1, 9), (2, 0)):
+        for loader in (kept, plain):
+            loader.set_epoch(epoch, start)
+        got, want = list(kept), list(plain)
+        assert len(got) == len(want) == kept.steps_per_epoch - start
+        for x, y in zip(got, want):
+            assert torch.equal(x.labels, y.labels) and all(torch.equal(p, q) for p, q in zip(x.crops, y.crops))
+        pids.append([w.pid for w in kept._loader._iterator._workers])
+    assert pids[0] == pids[1] == pids[2] == pids[3] and len(pids[0]) == 2
+    workers = [psutil.Process(pid) for pid in pids[0]]
+    kept.set_epoch(3)
+    batches = iter(kept)
+    next(batches)
+    batches.close()  # a stop mid-epoch
+    assert kept._loader is None
+    for w in workers:
+        w.wait(timeout=10)  # ended (and reaped by torch's shutdown, or here)
+
+
 def test_ranks_split_each_epoch_without_overlap():
     for world in (1, 2, 3):
         parts = [epoch_indices(101, seed=0, epoch=5, rank=r, world_size=world) for r in range(world)]
