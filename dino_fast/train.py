@@ -461,8 +461,7 @@ class _Run:
     def close(self) -> None:
         if self.batches is not None and hasattr(self.batches, "close"):
             self.batches.close()  # shuts the loader's workers down now, not when an exception's traceback is freed
-        if hasattr(self.loader, "close"):
-            self.loader.close()  # workers kept between epochs (the torch backend's) are not needed past the last step
+        self.loader.close()  # workers kept between epochs (the torch backend's) are not needed past the last step
         self.report.close()
 
     def goodbye(self) -> None:

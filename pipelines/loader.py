@@ -19,7 +19,8 @@ Iterating a loader yields :class:`MultiCropBatch` ``(crops, labels)``:
 
 A loader also has ``steps_per_epoch`` (== ``len(loader)``; the last incomplete batch is dropped) and
 ``set_epoch(epoch, start_step=0)``, which must be called before iterating an epoch: it fixes the shuffle of that
-epoch (seeded from the run seed and the epoch) and skips the first ``start_step`` batches when resuming mid-epoch.
+epoch (seeded from the run seed and the epoch) and skips the first ``start_step`` batches when resuming mid-epoch;
+``close()`` releases what a backend keeps between epochs.
 
 Shared keys of randomness
 -------------------------
@@ -118,3 +119,6 @@ class MultiCropLoader:
 
     def __iter__(self):
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what outlives an epoch (the torch backend's workers); the trainer calls it when it is done."""
