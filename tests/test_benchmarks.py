@@ -12,7 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_profile, bench_train, run_all
 from benchmarks.common import speedup
+from benchmarks.loss_parts import loss_parts
 from benchmarks.steps import OursStep, ReferenceStep, bench_config, synthetic_crops
+from dino_fast.config import ModelConfig
+from dino_fast.loss import DINOLoss
+from dino_fast.models import build_student_teacher
 
 
 def flat(row: dict) -> dict:
@@ -214,3 +218,25 @@ def test_the_gpu_checks_train_commands_are_configs_the_trainer_accepts():
         overrides = [w for w in words[words.index("--config") + 2:] if "=" in w and not w.startswith("$")]
         cfg = load_config(repo / config, overrides)
         assert cfg.optim.total_steps == 600 and cfg.eval.knn_every_epochs == 8, line  # what the comment above it says
+
+
+def test_loss_parts_mean_is_the_dino_loss_and_a_student_equal_to_its_teacher_sits_on_the_floor():
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="vit_tiny_patch16_224", depth=1, patch_size=8, out_dim=96, head_hidden_dim=32,
+                      head_bottleneck_dim=16, drop_path_rate=0.0)
+    student, teacher = build_student_teacher(cfg, img_size=32)
+    student.eval()
+    crops = [torch.randn(6, 3, 32, 32) for _ in range(2)] + [torch.randn(6, 3, 16, 16) for _ in range(3)]
+    parts = loss_parts(student, teacher, crops, teacher_temp=0.02, student_temp=0.1)
+    # The student starts as the teacher: on the teacher's own crop it is exactly the floor.
+    assert parts["same_crop"] == pytest.approx(parts["floor"], abs=1e-5)
+    assert parts["teacher_entropy"] < parts["floor"]  # Gibbs: H(q) ≤ H(q, p), equal only for p = q
+    with torch.no_grad():
+        student.head.mlp[0].weight.mul_(1.5)  # now another network than the teacher
+        loss = DINOLoss(96, ncrops=5, student_temp=0.1, impl="eager", centering="sinkhorn_knopp")
+        expected = loss(student(crops), teacher(crops[:2]), teacher_temp=0.02).item()
+    parts = loss_parts(student, teacher, crops, teacher_temp=0.02, student_temp=0.1)
+    assert parts["loss"] == pytest.approx(expected, rel=1e-5)
+    # 2 global pairs and 2 × 3 local pairs, the loss their mean
+    assert parts["loss"] == pytest.approx((2 * parts["global_pairs"] + 6 * parts["local_pairs"]) / 8, rel=1e-6)
+    assert parts["same_crop"] != pytest.approx(parts["floor"], abs=1e-3)
