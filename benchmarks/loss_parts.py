@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from dino_fast.health import teacher_health
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
 
 
@@ -45,7 +46,8 @@ def loss_parts(student: torch.nn.Module, teacher: torch.nn.Module, crops: list[t
     global_pairs = [x for (iq, v), x in pairs.items() if v < 2]
     local_pairs = [x for (iq, v), x in pairs.items() if v >= 2]
     return {
-        "teacher_entropy": float(sum(-(x * x.clamp_min(1e-30).log()).sum(-1).mean() for x in q) / 2),
+        "teacher_entropy": float(teacher_health(t, torch.zeros(1, t.shape[1]), teacher_temp,
+                                                targets=torch.cat(q))["teacher_entropy"]),  # the trainer's metric
         "floor": float(sum(_ce(q[i], own[i]) for i in range(2)) / 2),
         "same_crop": float(sum(_ce(q[i], s[i]) for i in range(2)) / 2),
         "global_pairs": float(sum(global_pairs) / len(global_pairs)),
@@ -68,7 +70,7 @@ def run_parts(run: str, batches: int = 3) -> dict[str, float]:
         raise SystemExit(f"{run}: dino.centering={cfg.dino.centering}; this split is for sinkhorn_knopp runs")
     student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
     for model, ckpt in ((student, student_ckpt), (teacher, teacher_ckpt)):
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt.state_dict.items()})
+        model.load_state_dict(ckpt.state_dict)  # read_checkpoint has stripped DeepSpeed's and compile's prefixes
         model.eval()
     cfg.data.num_workers = 0
     loader = build_loader(cfg.data, seed=cfg.seed)
