@@ -69,6 +69,8 @@ class DinoConfig:
     student_temp: float = 0.1
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996
+    # the EMA momentum's cosine ends here (DINOv2's final_momentum_teacher); 1.0: the reference (the teacher freezes)
+    momentum_teacher_end: float = 1.0
     loss_impl: str = "auto"  # auto | eager | triton   (env DINO_FAST_LOSS overrides)
     ema_impl: str = "auto"  # auto | foreach | triton  (env DINO_FAST_EMA overrides)
     centering: str = "centering"  # centering (the reference) | sinkhorn_knopp (DINOv2's teacher targets)
@@ -307,6 +309,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.out_dim >= 2, "model.out_dim must be ≥ 2"),
         (cfg.dino.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations must be ≥ 1"),
         (cfg.dino.koleo_weight >= 0, "dino.koleo_weight must be ≥ 0"),
+        (0 <= cfg.dino.momentum_teacher <= 1 and 0 <= cfg.dino.momentum_teacher_end <= 1,
+         "dino.momentum_teacher and dino.momentum_teacher_end must lie in [0, 1]"),
         (cfg.dino.sinkhorn_queue >= 0, "dino.sinkhorn_queue must be ≥ 0"),
         (cfg.dino.sinkhorn_queue == 0 or cfg.dino.centering == "sinkhorn_knopp",
          "dino.sinkhorn_queue needs dino.centering=sinkhorn_knopp"),

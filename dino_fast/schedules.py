@@ -43,6 +43,6 @@ def teacher_temp_schedule(
     )
 
 
-def momentum_schedule(base_momentum: float, epochs: int, niter_per_ep: int) -> np.ndarray:
-    """Teacher EMA momentum per iteration: cosine from ``base_momentum`` to 1."""
-    return cosine_scheduler(base_momentum, 1.0, epochs, niter_per_ep)
+def momentum_schedule(base_momentum: float, epochs: int, niter_per_ep: int, final_momentum: float = 1.0) -> np.ndarray:
+    """Teacher EMA momentum per iteration: cosine from ``base_momentum`` to ``final_momentum`` (the reference: 1)."""
+    return cosine_scheduler(base_momentum, final_momentum, epochs, niter_per_ep)

@@ -53,7 +53,7 @@ class Schedules:
         o, d = cfg.optim, cfg.dino
         self.lr = cosine_scheduler(o.lr * global_batch / 256.0, o.min_lr, o.epochs, steps_per_epoch, o.warmup_epochs)
         self.wd = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, steps_per_epoch)
-        self.momentum = momentum_schedule(d.momentum_teacher, o.epochs, steps_per_epoch)
+        self.momentum = momentum_schedule(d.momentum_teacher, o.epochs, steps_per_epoch, d.momentum_teacher_end)
         self.teacher_temp = teacher_temp_schedule(d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs,
                                                   o.epochs)
 

@@ -40,6 +40,7 @@ def test_overrides_are_type_checked_and_applied():
         ("data.blur_sigma=[2,0.1]", "data.blur_sigma"),
         ("data.blur_sigma=[0,1]", "data.blur_sigma"),
         ("dino.sinkhorn_queue=-1", "dino.sinkhorn_queue must be ≥ 0"),
+        ("dino.momentum_teacher_end=1.5", "dino.momentum_teacher_end must lie in"),
         ("dino.sinkhorn_queue=64", "dino.sinkhorn_queue needs dino.centering=sinkhorn_knopp"),
         ("dino.centering=sinkhorn_knopp dino.sinkhorn_queue=64 train.cuda_graph=true", "set dino.sinkhorn_queue=0"),
     ],
