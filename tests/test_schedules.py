@@ -2,7 +2,9 @@ import math
 
 import numpy as np
 
+from dino_fast.config import load_config
 from dino_fast.schedules import cosine_scheduler, momentum_schedule, teacher_temp_schedule
+from dino_fast.step import Schedules
 
 
 def test_cosine_schedule_warmup_boundaries_and_last_iteration():
@@ -41,9 +43,6 @@ def test_teacher_temperature_is_per_epoch_linear_then_constant():
 
 
 def test_step_schedules_take_the_momentum_end_from_the_config():
-    from dino_fast.config import load_config
-    from dino_fast.step import Schedules
-
     cfg = load_config(None, ["dino.momentum_teacher=0.95", "optim.epochs=4", "optim.warmup_epochs=0"])
     last = 1 - 0.5 * 0.05 * (1 + math.cos(math.pi * 19 / 20))  # the reference: the cosine heads for 1
     assert math.isclose(Schedules(cfg, 5, 64).momentum[-1], last, rel_tol=1e-14)
