@@ -4,17 +4,22 @@ step profile's numbers match independent counts."""
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_profile, bench_train, run_all
 from benchmarks.common import speedup
 from benchmarks.loss_parts import loss_parts
+from benchmarks.recipe_check import markdown_table
 from benchmarks.steps import OursStep, ReferenceStep, bench_config, synthetic_crops
-from dino_fast.config import ModelConfig
+from dino_fast.config import ModelConfig, load_config
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
 
@@ -143,9 +148,6 @@ def test_bench_profile_device_timeline_arithmetic():
     """The CUDA half of the analysis on a hand-made two-step timeline of real FunctionEvents (µs): overlapping
     kernels count once, the GPU-side copy of a record_function range is not a kernel, kernels count in the phase
     their launching op started in (here on another thread, as backward kernels do), the idle gap after a sync."""
-    from torch.autograd import DeviceType
-    from torch.autograd.profiler_util import FunctionEvent
-
     def ev(name, start, end, thread=1, device=DeviceType.CPU, annotation=False):
         return FunctionEvent(id=0, name=name, thread=thread, start_us=start, end_us=end, device_type=device,
                              is_user_annotation=annotation)
@@ -184,10 +186,6 @@ def test_bench_profile_device_timeline_arithmetic():
 def test_readme_recipe_table_and_demo_numbers_match_the_results_file():
     """The README's "Small datasets" table is the one recipe_check prints from its results file, and the numbers the
     README's introduction gives for `make demo` are the current recipe's demo row (first recipe of the file)."""
-    from pathlib import Path
-
-    from benchmarks.recipe_check import markdown_table
-
     repo = Path(__file__).resolve().parents[1]
     readme = (repo / "README.md").read_text()
     rows = json.loads((repo / "benchmarks/results/recipe_check_cpu.json").read_text())["rows"]
@@ -202,11 +200,6 @@ def test_readme_recipe_table_and_demo_numbers_match_the_results_file():
 def test_the_gpu_checks_train_commands_are_configs_the_trainer_accepts():
     """Every `dino_fast.train --config ...` line of benchmarks/gpu_check.sh resolves to a config (the GPU machine is
     lent rarely: a refused override there, e.g. optim.epochs on the demo's step-budget recipe, costs a whole run)."""
-    import shlex
-    from pathlib import Path
-
-    from dino_fast.config import load_config
-
     repo = Path(__file__).resolve().parents[1]
     script = (repo / "benchmarks/gpu_check.sh").read_text().replace("\\\n", " ")
     lines = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
