@@ -55,6 +55,11 @@ class DataConfig:
     global_crops_scale: tuple[float, float] = _REFERENCE_CROPS.global_scale
     local_crops_scale: tuple[float, float] = _REFERENCE_CROPS.local_scale
     blur_sigma: tuple[float, float] = _REFERENCE_CROPS.blur_sigma  # Gaussian blur σ range in pixels (for 224 px)
+    # The photometric chain's probabilities and strengths (the reference's by default; every crop backend reads them)
+    jitter_p: float = _REFERENCE_CROPS.jitter_p  # colour jitter, per crop
+    jitter: tuple[float, float, float, float] = _REFERENCE_CROPS.jitter  # brightness, contrast, saturation, hue
+    gray_p: float = _REFERENCE_CROPS.gray_p  # grayscale, per crop
+    solarize_p: tuple[float, float, float] = _REFERENCE_CROPS.solarize_p  # G1, G2, each local crop
     demo_image_size: int = 64  # side of the generated demo images
     demo_images_per_class: int = 300
     ffcv_path: str = ""  # .beton written by dino-fast-convert (data.backend=ffcv)
@@ -326,6 +331,10 @@ def validate(cfg: Config) -> None:
          "crop scales must lie in (0, 1]"),
         (0 < cfg.data.blur_sigma[0] <= cfg.data.blur_sigma[1],
          "data.blur_sigma must be [low, high] with 0 < low ≤ high (pixels)"),
+        (all(0 <= p <= 1 for p in (cfg.data.jitter_p, cfg.data.gray_p, *cfg.data.solarize_p)),
+         "data.jitter_p, data.gray_p and data.solarize_p are probabilities: each must lie in [0, 1]"),
+        (min(cfg.data.jitter) >= 0 and cfg.data.jitter[3] <= 0.5,
+         "data.jitter is [brightness, contrast, saturation, hue] strengths: each ≥ 0, hue ≤ 0.5"),
         (not (cfg.train.cuda_graph and cfg.deepspeed.zero_stage != 0),
          "train.cuda_graph=true needs deepspeed.zero_stage=0 (ZeRO's gradient buckets cannot be captured); set "
          "model.compile=true model.compile_mode=reduce-overhead instead (CUDA graphs of the backbones only)"),

@@ -69,7 +69,8 @@ class MultiCropSpec:
 
     @classmethod
     def from_config(cls, data_cfg) -> MultiCropSpec:
-        """Build from a :class:`dino_fast.config.DataConfig` (sizes, number of locals, scales, blur σ)."""
+        """Build from a :class:`dino_fast.config.DataConfig` (sizes, number of locals, scales, blur σ, the colour
+        jitter, grayscale and solarize probabilities and the jitter's strengths)."""
         return cls(
             global_size=data_cfg.global_crop_size,
             local_size=data_cfg.local_crop_size,
@@ -77,4 +78,8 @@ class MultiCropSpec:
             global_scale=tuple(data_cfg.global_crops_scale),
             local_scale=tuple(data_cfg.local_crops_scale),
             blur_sigma=tuple(data_cfg.blur_sigma),
+            jitter_p=data_cfg.jitter_p,
+            jitter=tuple(data_cfg.jitter),
+            gray_p=data_cfg.gray_p,
+            solarize_p=tuple(data_cfg.solarize_p),
         )

@@ -174,6 +174,33 @@ def test_data_config_reaches_the_spec_and_blur_sigma_takes_effect():
     assert sharp.std() > 1.2 * blurred.std()
 
 
+def test_photometric_options_reach_the_spec_and_solarize_inverts_the_bright_pixels():
+    from dino_fast.config import load_config
+    from pipelines.torch_loader import augment_crop
+
+    plain = load_config(None, ["data.jitter_p=0", "data.gray_p=0", "data.solarize_p=[0,0,0]"]).data
+    spec = MultiCropSpec.from_config(plain)
+    assert (spec.jitter_p, spec.gray_p, spec.solarize_p) == (0.0, 0.0, (0.0, 0.0, 0.0))
+    ref = MultiCropSpec.from_config(load_config(None, []).data)  # the defaults are the reference augmentation
+    assert (ref.jitter_p, ref.jitter, ref.gray_p, ref.solarize_p) == (0.8, (0.4, 0.4, 0.2, 0.1), 0.2, (0.0, 0.2, 0.0))
+    assert MultiCropSpec.from_config(load_config(None, ["data.jitter=[0.1,0,0,0.05]"]).data).jitter_ranges() == (
+        (0.9, 1.1), (1.0, 1.0), (1.0, 1.0), (-0.05, 0.05))
+
+    solar = MultiCropSpec.from_config(load_config(None, ["data.jitter_p=0", "data.gray_p=0",
+                                                         "data.solarize_p=[1,1,1]"]).data)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def pixels(t):  # normalised float crop → the uint8 values it was made from
+        mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+        return torch.round((t * std + mean) * 255).to(torch.int64)
+
+    for crop, crop_solar in zip(spec.crops()[::2], solar.crops()[::2]):  # G1 and a local crop: the same draws
+        x = pixels(augment_crop(img, crop, spec, sample_generator(0, 0, 3)))
+        y = pixels(augment_crop(img, crop_solar, solar, sample_generator(0, 0, 3)))
+        assert (x >= 128).any() and (x < 128).any()
+        assert torch.equal(y, torch.where(x >= 128, 255 - x, x))
+
+
 def test_a_worker_killed_after_its_last_batch_of_the_epoch_is_reported(tiny_image_root):
     """torch notices a dead worker only while it still waits for that worker's batches; one killed (by the OOM
     killer, say) after the main process has read all of them went unnoticed, and the next epoch started new workers.
