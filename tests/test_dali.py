@@ -291,6 +291,22 @@ def test_blur_and_jitter_draws_have_the_reference_rates(coord_images):
     assert spec.blur_sigma[0] <= sigma.min() < 0.2 and 1.9 < sigma.max() <= spec.blur_sigma[1]
 
 
+def test_photometric_options_of_the_config_set_the_dali_rates(coord_images):
+    """data.jitter_p / data.gray_p / data.solarize_p reach DALI's draws (the demo recipe turns solarisation off)."""
+    from dino_fast.config import load_config
+
+    cfg = load_config(None, ["data.global_crop_size=32", "data.local_crop_size=16", "data.local_crops_number=4",
+                             "data.jitter_p=0.3", "data.gray_p=0.6", "data.solarize_p=[0.5,0,1]"])
+    spec = MultiCropSpec.from_config(cfg.data)
+    pipe = build_pipeline(coord_images, spec, 64, 2, 0, 1, 0, CPU, aux=True)
+    draws = np.concatenate([np.array(pipe.run()[-1].as_tensor()) for _ in range(8)])  # [512, n_crops, 6]
+    d = {name: draws[..., i] for i, name in enumerate(AUX_FIELDS)}
+    assert binomial_ok(int(d["jitter"].sum()), d["jitter"].size, 0.3)
+    assert binomial_ok(int(d["gray"].sum()), d["gray"].size, 0.6)
+    assert binomial_ok(int(d["solarize"][:, 0].sum()), draws.shape[0], 0.5)
+    assert d["solarize"][:, 1].sum() == 0 and (d["solarize"][:, 2:] == 1).all()
+
+
 def test_blur_flag_drives_the_blur(tmp_path):
     """Crops of white noise: the ones whose draw says "blurred" with sigma ≥ 1 are far smoother than the rest."""
     path = tmp_path / "noise.png"
