@@ -132,6 +132,13 @@ def _coin(p: float):
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
+def _uniform(bounds: tuple[float, float]):
+    """A draw from U(lo, hi) per sample; lo itself when the range is empty (a jitter strength or blur σ range of
+    zero width, which DALI's ``range`` refuses)."""
+    lo, hi = bounds
+    return fn.random.uniform(range=(lo, hi)) if hi > lo else fn.random.uniform(values=[float(lo)])
+
+
 GREY_ROWS = np.array([[*LUMA, 0.0]] * 3, dtype=np.float32)  # x ↦ (L·x, L·x, L·x)
 
 
@@ -163,7 +170,7 @@ def _colour(crop, spec: MultiCropSpec, ops: Collection[str]):
     gray = _coin(spec.gray_p) if "gray" in ops else None
     if jitter is not None:
         # brightness, contrast, saturation factors and the hue shift in turns (as torchvision's hue factor)
-        b, c, s, h = [fn.random.uniform(range=bounds) for bounds in spec.jitter_ranges()]
+        b, c, s, h = [_uniform(bounds) for bounds in spec.jitter_ranges()]
         if jitter:
             crop = colour_jitter(crop, b, c, s, h)
     if gray is not None:
@@ -179,7 +186,7 @@ def _crop_branch(image, crop_spec: CropSpec, spec: MultiCropSpec, ops: Collectio
     crop = fn.random_resized_crop(image, size=(size, size), random_area=crop_spec.scale,
                                   random_aspect_ratio=spec.ratio, interp_type=types.INTERP_CUBIC, antialias=True)
     crop, jitter, gray = _colour(crop, spec, ops)
-    sigma = fn.random.uniform(range=spec.blur_sigma)
+    sigma = _uniform(spec.blur_sigma)
     blur = _coin(crop_spec.blur_p) if "blur" in ops and 0 < crop_spec.blur_p < 1 else None
     if "blur" in ops and crop_spec.blur_p >= 1:
         crop = fn.gaussian_blur(crop, sigma=sigma)  # window defaults to 2·ceil(3·sigma)+1

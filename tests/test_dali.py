@@ -307,6 +307,22 @@ def test_photometric_options_of_the_config_set_the_dali_rates(coord_images):
     assert d["solarize"][:, 1].sum() == 0 and (d["solarize"][:, 2:] == 1).all()
 
 
+def test_zero_width_ranges_are_constants_not_a_dali_error(coord_images):
+    """A jitter strength of 0 or a one-value blur σ range is valid config; DALI's uniform refuses [x, x)."""
+    spec = MultiCropSpec(global_size=32, local_size=16, n_local=2, jitter=(0.0, 0.0, 0.0, 0.0), blur_sigma=(0.5, 0.5))
+    pipe = build_pipeline(coord_images, spec, 64, 2, 0, 1, 0, CPU, aux=True)
+    out = pipe.run()
+    d = np.array(out[-1].as_tensor())  # [64, n_crops, 6]
+    sigma = d[..., AUX_FIELDS.index("sigma")][d[..., AUX_FIELDS.index("blur")] == 1]
+    assert sigma.size and np.allclose(sigma, 0.5)
+    # The zero-strength jitter ran and changed nothing: G1 (never solarised) keeps the image's constant blue 200
+    # wherever it was not turned grey.
+    jitter, gray = d[:, 0, AUX_FIELDS.index("jitter")] == 1, d[:, 0, AUX_FIELDS.index("gray")] == 1
+    assert (jitter & ~gray).any()
+    blue = pixels(torch.as_tensor(np.array(out[0].as_tensor())))[:, 2]
+    assert (np.abs(blue[~gray] - 200) < 1).all()
+
+
 def test_blur_flag_drives_the_blur(tmp_path):
     """Crops of white noise: the ones whose draw says "blurred" with sigma ≥ 1 are far smoother than the rest."""
     path = tmp_path / "noise.png"
