@@ -194,7 +194,7 @@ def test_photometric_options_reach_the_spec_and_solarize_inverts_the_bright_pixe
         mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
         return torch.round((t * std + mean) * 255).to(torch.int64)
 
-    for crop, crop_solar in zip(spec.crops()[::2], solar.crops()[::2]):  # G1 and a local crop: the same draws
+    for crop, crop_solar in zip(spec.crops()[::2], solar.crops()[::2]):  # G1 and local crops: the same draws
         x = pixels(augment_crop(img, crop, spec, sample_generator(0, 0, 3)))
         y = pixels(augment_crop(img, crop_solar, solar, sample_generator(0, 0, 3)))
         assert (x >= 128).any() and (x < 128).any()
