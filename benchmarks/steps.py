@@ -35,7 +35,7 @@ from dino_fast.models import build_student_teacher
 from dino_fast.ops.reference import ema_reference_loop
 from dino_fast.optim import param_groups
 
-# provider → the config overrides of OursStep (the variant matrix of the decision run, benchmarks/gpu_check.sh).
+# provider → the config overrides of OursStep (the variant matrix of the decision run, benchmarks/gpu/gpu_check.sh).
 OURS_PROVIDERS: dict[str, tuple[str, ...]] = {
     "ours": (),
     "ours-compiled": ("model.compile=true",),
@@ -100,7 +100,7 @@ class OursStep:
     """
 
     def __init__(self, cfg: Config, device: torch.device, overrides: tuple[str, ...] = ()):
-        from dino_fast.step import Schedules
+        from dino_fast.schedules import Schedules
         from dino_fast.train import build_training, init_distributed, make_step, resolve_precision
 
         init_distributed()

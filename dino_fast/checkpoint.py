@@ -73,6 +73,20 @@ def teacher_fingerprint(teacher: torch.nn.Module, center: torch.Tensor) -> torch
     return torch.cat([sums, squares])
 
 
+@torch.no_grad()
+def state_is_finite(*modules: torch.nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> bool:
+    """Whether every floating parameter and buffer of ``modules`` (and ``extra``) is finite: one max-abs per tensor in
+    one multi-tensor kernel and one host sync (for use before a checkpoint, not per step)."""
+    tensors = [t.detach() for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    tensors += [t.detach() for t in extra]
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    # The max-norm: NaN and inf propagate, large finite weights do not overflow (as a sum of squares could).
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))])
+    return bool(torch.isfinite(norms).all())
+
+
 def _check_ranks_agree(fingerprint: torch.Tensor) -> None:
     if world_size() == 1:
         return

@@ -23,19 +23,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+_control_group = None
+
+
+def control_group():
+    """The process group the ranks agree in (stop, failure, non-finite flags): one that runs on the host, so agreeing
+    never waits for the device. The default group when it is gloo (CPU runs); else (NCCL on GPUs, whose collectives
+    are queued on the device and read back with a sync) a gloo group over the same ranks, made at the first call.
+    Collective: every rank must make its first call at the same point (:func:`any_rank` is called that way)."""
+    global _control_group
+    if _control_group is None:
+        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control_group
+
+
 def any_rank(*flags: bool) -> list[bool]:
-    """Each flag, True on every rank when it is True on any (one small all-reduce; no communication on one rank).
+    """Each flag, True on every rank when it is True on any (one small host all-reduce; nothing on one rank).
 
     The ranks must call it at the same points: it is how they agree to stop together (a signal that reached one
-    rank, a loader that failed on one) instead of one rank leaving a collective the others then wait in forever.
+    rank, a loader that failed on one) instead of one rank leaving a collective the others then wait in forever. It
+    runs on the host (:func:`control_group`): a rank whose loader failed answers at once, and the others' hosts wait
+    for its host, never for a device.
     """
     if world_size() == 1:
         return [bool(f) for f in flags]
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        from deepspeed.accelerator import get_accelerator
-
-        device = get_accelerator().current_device_name()
-    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
     return [bool(v) for v in t.tolist()]

@@ -3,8 +3,16 @@
 Crops have static shapes, so teacher forward, student forward, loss, health metrics, backward, per-parameter
 clipping, the last-layer freeze, the fused AdamW step (``capturable=True``, lr a device tensor), the decoupled weight
 decay, the teacher EMA and the centre update are recorded once and then launched as one graph: the host's cost per
-step drops from one launch per op to a few copies and one replay. lr, weight decay and momentum are read from the
-step's device table (:class:`dino_fast.step.DINOStep` with ``device_values``), so replays follow the schedules.
+step drops from one launch per op to a few copies and one replay.
+
+Two owners, sharing the maths of :class:`dino_fast.step.DINOStep`:
+
+- :class:`DeviceValuesStep` is the body the graph records. A replay cannot see new Python floats, so lr, weight decay
+  and the EMA momentum come from device tables of every iteration's values (:meth:`Schedules.optimizer_table`,
+  :meth:`Schedules.ema_table`), one row copied into a static tensor before each replay; AdamW reads lr from it, the
+  decoupled weight decay p ← p·(1 − lr·wd) is applied by the step (AdamW's own decay is set to 0) and the EMA reads
+  its momentum from it. Nothing in it reads a device value on the host (tests/test_no_host_sync.py).
+- :class:`CudaGraphStep` captures that body and replays it.
 
 What is captured where:
 
@@ -24,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from dino_fast.config import ConfigError
-from dino_fast.step import DINOStep, Schedules, StepMetrics, StepValues
+from dino_fast.schedules import Schedules, StepValues
+from dino_fast.step import DINOStep, StepMetrics
 
 FIX = "set train.cuda_graph=false (model.compile=true model.compile_mode=reduce-overhead graphs the backbones only)"
 
@@ -42,8 +51,62 @@ def check_graphable(device: torch.device, world: int, zero_stage: int) -> None:
                           f"in host-managed buckets); {FIX}")
 
 
-class CudaGraphStep(DINOStep):
-    """:class:`DINOStep` whose iteration is captured once as a CUDA graph and replayed (see the module docstring).
+class DeviceValuesStep(DINOStep):
+    """:class:`DINOStep` with lr, weight decay and EMA momentum read on the device (the body the CUDA graph records).
+
+    Args:
+        schedules: the run's :class:`Schedules`; its tables go to the device once.
+        capturable: mark AdamW's groups ``capturable`` (its step counters then live on the device and are read there),
+            as a capture needs.
+    """
+
+    def __init__(self, engine, teacher: torch.nn.Module, dino_loss, ema, cfg, *, precision: str,
+                 schedules: Schedules, capturable: bool = True):
+        super().__init__(engine, teacher, dino_loss, ema, cfg, precision=precision)
+        if cfg.deepspeed.zero_stage != 0 or not isinstance(engine.optimizer, torch.optim.Optimizer):
+            raise ValueError("device-tensor schedule values need deepspeed.zero_stage=0 (the optimizer must update "
+                             "the module's own parameters)")
+        if capturable:
+            for group in engine.optimizer.param_groups:
+                group["capturable"] = True
+        self._optimizer_table = schedules.optimizer_table(self.device)
+        self._ema_table = schedules.ema_table(self.device)
+        self._now = self._optimizer_table[0].clone()  # lr, wd of the current iteration (static for a CUDA graph)
+        self._lr = self._now[0:1].view(())  # a view: one copy into _now updates it
+        self._ema_now = self._ema_table[0].clone()  # m, 1 − m
+        self._decayed = list(engine.optimizer.param_groups[0]["params"])
+        self._bind()
+
+    def _bind(self) -> None:
+        """The optimizer reads lr from ``_lr`` and decays nothing itself (the step does); again after a checkpoint
+        load replaced the param groups' values."""
+        groups = self.engine.optimizer.param_groups
+        if groups[0]["lr"] is not self._lr or groups[0]["weight_decay"] != 0.0:
+            for g in groups:
+                g["lr"] = self._lr
+            groups[0]["weight_decay"] = 0.0
+
+    def set_values(self, values: StepValues) -> None:
+        """This iteration's rows of the device tables into the static values (device copies, no host sync)."""
+        self._bind()
+        self._now.copy_(self._optimizer_table[values.it], non_blocking=True)
+        self._ema_now.copy_(self._ema_table[values.it], non_blocking=True)
+
+    @torch.no_grad()
+    def optimizer_step(self) -> None:
+        """AdamW's decoupled weight decay p ← p·(1 − lr·wd) with both values read on the device, then AdamW (lr from
+        the device, its own decay 0). Parameters without a gradient this step are skipped, as AdamW skips them."""
+        params = [p for p in self._decayed if p.grad is not None]
+        if params:
+            torch._foreach_mul_(params, 1.0 - self._now[0] * self._now[1])
+        self.engine.step()
+
+    def teacher_ema(self, values: StepValues) -> None:
+        self.ema.update_on_device(self._ema_now)
+
+
+class CudaGraphStep(DeviceValuesStep):
+    """:class:`DeviceValuesStep` captured once as a CUDA graph and replayed (see the module docstring).
 
     The first call for a new (teacher temperature, freeze, crop shapes) key runs eagerly on a side stream (a real
     step, which also warms up cuBLAS, Triton and the optimizer state), the second captures and replays.
@@ -52,10 +115,7 @@ class CudaGraphStep(DINOStep):
     def __init__(self, engine, teacher: torch.nn.Module, dino_loss, ema, cfg, *, precision: str,
                  schedules: Schedules, world: int = 1):
         check_graphable(dino_loss.center.device, world, cfg.deepspeed.zero_stage)
-        for group in engine.optimizer.param_groups:
-            group["capturable"] = True  # AdamW's step counters live on the device and are read there
-        super().__init__(engine, teacher, dino_loss, ema, cfg, precision=precision, schedules=schedules,
-                         device_values=True)
+        super().__init__(engine, teacher, dino_loss, ema, cfg, precision=precision, schedules=schedules)
         self._key = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_crops: list[torch.Tensor] = []
@@ -76,9 +136,10 @@ class CudaGraphStep(DINOStep):
     def _capture(self, crops: list[torch.Tensor], values: StepValues) -> None:
         self._graph = None
         self._static_crops = [c.clone() for c in crops]
-        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the loader's threads may allocate on the device while the capture runs; with the default
+        # ("global") mode that would invalidate the capture. A sync in this thread still fails it, as it must.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             loss, metrics = self.forward_losses(self._static_crops, values)
             self.backward_update(loss, values)
         self._graph, self._static_metrics = graph, metrics
@@ -95,6 +156,6 @@ class CudaGraphStep(DINOStep):
         for static, c in zip(self._static_crops, crops):
             if static.data_ptr() != c.data_ptr():
                 static.copy_(c, non_blocking=True)
-        self.set_values(values)  # this iteration's row of the device table, outside the graph
+        self.set_values(values)  # this iteration's rows of the device tables, outside the graph
         self._graph.replay()
         return self._metrics(self._static_metrics)

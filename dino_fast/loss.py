@@ -65,6 +65,10 @@ class DINOLoss(nn.Module):
         if sinkhorn_queue:  # only then: checkpoints of runs without a queue keep their keys
             self.register_buffer("sinkhorn_queue", torch.zeros(sinkhorn_queue, out_dim))
             self.register_buffer("sinkhorn_queue_rows", torch.zeros((), dtype=torch.long))  # filled so far
+            # The fill level as the host knows it (one push of a known size per step, the same on every rank): the
+            # step slices the queue by it without reading the buffer back; a state_dict load reads it once.
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._count_queue_rows())
+        self._queue_rows = 0
         self.impl = self._select_impl()
 
     def _select_impl(self) -> str:
@@ -104,6 +108,12 @@ class DINOLoss(nn.Module):
                 v.copy_(state[k])
         elif mine:
             mine["sinkhorn_queue_rows"].zero_()
+        self._count_queue_rows()
+
+    def _count_queue_rows(self) -> None:
+        """The host's fill level from the buffer (after a load: one read, never per step)."""
+        if "sinkhorn_queue_rows" in self._buffers:
+            self._queue_rows = int(self._buffers["sinkhorn_queue_rows"])
 
     def sinkhorn_targets(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor | None:
         """The Sinkhorn-Knopp targets [2·B, K] of this step (None with the reference centering)."""
@@ -112,7 +122,7 @@ class DINOLoss(nn.Module):
         if "sinkhorn_queue" not in self._buffers:
             return sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations)
         queue, rows = self._buffers["sinkhorn_queue"], teacher_output.shape[0]
-        filled = int(self._buffers["sinkhorn_queue_rows"])  # the same on every rank: one push per step
+        filled = self._queue_rows  # the same on every rank: one push per step
         q = sinkhorn_knopp(torch.cat([teacher_output.detach().float(), queue[:filled]]), teacher_temp,
                            self.sinkhorn_iterations)[:rows]
         with torch.no_grad():  # newest first: shift the queue down by this step's rows
@@ -120,7 +130,8 @@ class DINOLoss(nn.Module):
             if keep > 0:
                 queue[rows:rows + keep] = queue[:keep].clone()
             queue[:min(rows, queue.shape[0])] = teacher_output.detach().float()[:queue.shape[0]]
-            self._buffers["sinkhorn_queue_rows"].fill_(min(filled + rows, queue.shape[0]))
+            self._queue_rows = min(filled + rows, queue.shape[0])
+            self._buffers["sinkhorn_queue_rows"].fill_(self._queue_rows)  # for checkpoints
         return q
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, *, teacher_temp: float,

@@ -2,71 +2,31 @@
 
 :class:`DINOStep` owns the engine (student + AdamW), the teacher, the loss, the EMA, the precision context and the
 schedule values, and runs: teacher forward (globals) → student forward (all crops) → loss → backward → per-parameter
-clip → last-layer freeze → optimizer step → teacher EMA. Nothing in it waits on the device: the loss and the health
-values come back as one device tensor whose copy to pinned host memory is queued without blocking
-(:class:`StepMetrics`); the trainer reads it one step later, while the next step runs. A non-finite loss is therefore
-seen one step late, after its update: the trainer reads the newest step's metrics before every checkpoint, so no
-checkpoint holds a step whose loss was not finite.
+clip → last-layer freeze → optimizer step → teacher EMA. Nothing in it waits for the device (tests/test_no_host_sync.py
+proves it on CPU): the loss and the health values come back as one device tensor whose copy to pinned host memory is
+queued without blocking (:class:`StepMetrics`); the trainer reads it one step later, while the next step runs. A
+non-finite loss is therefore seen one step late, after its update: the trainer reads the newest step's metrics before
+every checkpoint, so no checkpoint holds a step whose loss was not finite.
 
-Schedule values reach the step in one of two ways (:class:`StepValues` carries both): as Python floats written into
-the optimizer's param groups (the default, the reference's way), or, with ``device_values=True``, read from a table of
-every iteration's lr / weight decay / momentum held on the device, so a captured CUDA graph can replay any iteration
-(``dino_fast/graph_step.py``). Both give the same weights (tests/test_step.py).
+Schedule values reach this step as Python floats written into the optimizer's param groups (the reference's way).
+The CUDA-graph step (``dino_fast/graph_step.py``) overrides the three places where they enter (``set_values``,
+``optimizer_step``, ``teacher_ema``) to read them from device tables instead; everything else is shared.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.profiler import record_function
 
 from dino_fast.health import teacher_health
 from dino_fast.koleo import koleo_loss
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients
-from dino_fast.schedules import cosine_scheduler, momentum_schedule, teacher_temp_schedule
+from dino_fast.schedules import StepValues
 
 METRIC_NAMES = ("loss", "teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "center_norm")
 KOLEO_METRIC = "koleo"  # logged after METRIC_NAMES when dino.koleo_weight > 0
-
-
-@dataclass(frozen=True)
-class StepValues:
-    """The schedule values of one iteration (floats, for the float path and for logging); ``it`` indexes the
-    device table of the device-values path."""
-
-    it: int
-    epoch: int
-    lr: float
-    wd: float
-    momentum: float
-    teacher_temp: float
-
-
-class Schedules:
-    """Per-iteration lr (scaled by the global batch / 256), weight decay and teacher momentum, and the per-epoch
-    teacher temperature (given to the loss each step), computed up front as the reference does."""
-
-    def __init__(self, cfg, steps_per_epoch: int, global_batch: int):
-        o, d = cfg.optim, cfg.dino
-        self.lr = cosine_scheduler(o.lr * global_batch / 256.0, o.min_lr, o.epochs, steps_per_epoch, o.warmup_epochs)
-        self.wd = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, steps_per_epoch)
-        self.momentum = momentum_schedule(d.momentum_teacher, o.epochs, steps_per_epoch, d.momentum_teacher_end)
-        self.teacher_temp = teacher_temp_schedule(d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs,
-                                                  o.epochs)
-
-    def at(self, it: int, epoch: int) -> StepValues:
-        return StepValues(it, epoch, float(self.lr[it]), float(self.wd[it]), float(self.momentum[it]),
-                          float(self.teacher_temp[epoch]))
-
-    def table(self, device: torch.device) -> torch.Tensor:
-        """[iterations, 3] on ``device``: lr, weight decay, momentum per iteration. float64 where the optimizer takes
-        it (CPU: then AdamW and the decay round exactly as with Python floats); float32 on CUDA, whose fused AdamW
-        kernel reads a float32 lr."""
-        dtype = torch.float32 if torch.device(device).type == "cuda" else torch.float64
-        return torch.tensor(np.stack([self.lr, self.wd, self.momentum], 1), dtype=dtype, device=device)
 
 
 class StepMetrics:
@@ -97,64 +57,36 @@ class DINOStep:
 
     Args:
         engine, teacher, dino_loss, ema: as built by ``dino_fast.train.build_training``.
-        cfg: the run config (optim.clip_grad, optim.freeze_last_layer, model.compile).
+        cfg: the run config (optim.clip_grad, optim.freeze_last_layer, model.compile, dino.koleo_weight).
         precision: "bf16" (the teacher runs under bf16 autocast, as DeepSpeed runs the student) or "fp32".
-        schedules: the run's :class:`Schedules` (needed with ``device_values``).
-        device_values: read lr, weight decay and momentum from a device table (the CUDA-graph path; ZeRO-0 only):
-            the optimizer's lr is a device tensor, the decoupled weight decay is applied by the step
-            (p ← p·(1 − lr·wd), what AdamW does first) and the EMA takes its momentum from the device.
     """
 
-    def __init__(self, engine, teacher: torch.nn.Module, dino_loss, ema, cfg, *, precision: str,
-                 schedules: Schedules | None = None, device_values: bool = False):
+    def __init__(self, engine, teacher: torch.nn.Module, dino_loss, ema, cfg, *, precision: str):
         self.engine, self.teacher, self.dino_loss, self.ema, self.cfg = engine, teacher, dino_loss, ema, cfg
         self.device = dino_loss.center.device
         self.teacher_ctx = ((lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if precision == "bf16"
                             else contextlib.nullcontext)
-        self.device_values = device_values
         self.koleo_weight = cfg.dino.koleo_weight
         self.metric_names = METRIC_NAMES + ((KOLEO_METRIC,) if self.koleo_weight else ())
         self._host = ([torch.empty(len(self.metric_names), pin_memory=True) for _ in range(3)]
                       if self.device.type == "cuda" else None)
         self._calls = 0
-        if device_values:
-            self._init_device_values(schedules)
 
-    def _init_device_values(self, schedules: Schedules | None) -> None:
-        if schedules is None:
-            raise ValueError("device_values needs the run's Schedules")
-        groups = self.engine.optimizer.param_groups
-        if self.cfg.deepspeed.zero_stage != 0 or not isinstance(self.engine.optimizer, torch.optim.Optimizer):
-            raise ValueError("device-tensor schedule values need deepspeed.zero_stage=0 (the optimizer must update "
-                             "the module's own parameters)")
-        self._table = schedules.table(self.device)
-        self._now = self._table[0].clone()  # lr, wd, momentum of the current iteration (static for a CUDA graph)
-        self._lr = self._now[0:1].view(())  # views: one copy into _now updates all three
-        self._decayed = list(groups[0]["params"])
-        self._bind()
-        self._teacher_params, self._student_params = self.ema.teacher_params, self.ema.student_params
-
-    def _bind(self) -> None:
-        """The optimizer reads lr from ``_lr`` and decays nothing itself (the step does); again after a checkpoint
-        load replaced the param groups' values."""
-        groups = self.engine.optimizer.param_groups
-        if groups[0]["lr"] is not self._lr or groups[0]["weight_decay"] != 0.0:
-            for g in groups:
-                g["lr"] = self._lr
-            groups[0]["weight_decay"] = 0.0
-
-    # ---- the parts of one iteration
+    # ---- where the schedule values enter (the CUDA-graph step reads them on the device instead)
     def set_values(self, values: StepValues) -> None:
-        """Schedules → optimizer (and the device table's row when device values are used; no host sync)."""
-        if self.device_values:
-            self._bind()
-            self._now.copy_(self._table[values.it], non_blocking=True)
-            return
+        """Schedules → the optimizer's param groups: lr for every group, weight decay for the regularised one."""
         for i, group in enumerate(self.engine.optimizer.param_groups):
             group["lr"] = values.lr
             if i == 0:  # the regularised group only
                 group["weight_decay"] = values.wd
 
+    def optimizer_step(self) -> None:
+        self.engine.step()
+
+    def teacher_ema(self, values: StepValues) -> None:
+        self.ema.update(values.momentum)
+
+    # ---- the parts of one iteration
     def forward_losses(self, crops: list[torch.Tensor], values: StepValues) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher and student forward and the loss terms; returns (total loss, metrics vector [len(METRIC_NAMES)]).
 
@@ -185,7 +117,7 @@ class DINOStep:
         return total, metrics
 
     def backward_update(self, loss: torch.Tensor, values: StepValues) -> None:
-        """Backward → per-parameter clip → last-layer freeze → (decoupled decay) → AdamW → teacher EMA."""
+        """Backward → per-parameter clip → last-layer freeze → optimizer step → teacher EMA."""
         with record_function("dino:backward"):
             self.engine.backward(loss)
         with record_function("dino:clip"):
@@ -194,29 +126,9 @@ class DINOStep:
             if values.epoch < self.cfg.optim.freeze_last_layer:
                 cancel_last_layer_grads(self.engine.module)
         with record_function("dino:optimizer_step"):
-            if self.device_values:
-                self._decay()
-            self.engine.step()
+            self.optimizer_step()
         with record_function("dino:teacher_ema"):
-            if self.device_values:
-                self._ema_from_device()
-            else:
-                self.ema.update(values.momentum)
-
-    @torch.no_grad()
-    def _decay(self) -> None:
-        """AdamW's decoupled weight decay p ← p·(1 − lr·wd) with both values read on the device; parameters
-        without a gradient this step are skipped, as AdamW skips them."""
-        params = [p for p in self._decayed if p.grad is not None]
-        if params:
-            torch._foreach_mul_(params, 1.0 - self._now[0] * self._now[1])
-
-    @torch.no_grad()
-    def _ema_from_device(self) -> None:
-        """t ← t + (1 − m)·(s − t) with m read on the device (the float path's foreach lerp, a tensor weight)."""
-        students = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype)
-                    for t, s in zip(self._teacher_params, self._student_params)]
-        torch._foreach_lerp_(self._teacher_params, students, 1.0 - self._now[2])
+            self.teacher_ema(values)
 
     def _metrics(self, metrics: torch.Tensor) -> StepMetrics:
         host = self._host[self._calls % len(self._host)] if self._host is not None else None
@@ -230,17 +142,3 @@ class DINOStep:
         loss, metrics = self.forward_losses(crops, values)
         self.backward_update(loss, values)
         return self._metrics(metrics)
-
-
-@torch.no_grad()
-def state_is_finite(*modules: torch.nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> bool:
-    """Whether every floating parameter and buffer of ``modules`` (and ``extra``) is finite: one max-abs per tensor in
-    one multi-tensor kernel and one host sync (for use before a checkpoint, not per step)."""
-    tensors = [t.detach() for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-    tensors += [t.detach() for t in extra]
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    # The max-norm: NaN and inf propagate, large finite weights do not overflow (as a sum of squares could).
-    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))])
-    return bool(torch.isfinite(norms).all())

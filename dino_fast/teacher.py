@@ -46,3 +46,15 @@ class TeacherEMA:
         if self.flat is None:  # at the first update, after DeepSpeed has laid out the student's buffers
             self.flat = ops.FlatEMA(self.teacher_params, self.student_params)
         self.flat.update(momentum)
+
+    @torch.no_grad()
+    def update_on_device(self, weights: torch.Tensor) -> None:
+        """:meth:`update` with the momentum on the device: ``weights`` = [m, 1 − m] float32 (the CUDA-graph step's
+        values). Nothing is read back to the host: the Triton path's kernels read m from that memory, the others take
+        tensor factors; each gives its float path's result bit for bit."""
+        if self.impl != "triton":
+            ops.ON_DEVICE[self.impl](self.teacher_params, self.student_params, weights)
+            return
+        if self.flat is None:
+            self.flat = ops.FlatEMA(self.teacher_params, self.student_params)
+        self.flat.update_on_device(weights)

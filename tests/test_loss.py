@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from dino_fast.config import load_config
 from dino_fast.loss import DINOLoss
 from dino_fast.ops.reference import reference_dino_loss
-from dino_fast.step import Schedules
+from dino_fast.schedules import Schedules
 
 
 def pair_sum_reference(student, teacher, center, t_temp, s_temp, ncrops):

@@ -5,6 +5,7 @@ the ``cuda`` variants run the compiled kernels.
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -153,6 +154,50 @@ def test_odd_parameters_fall_back(interpreted):
         ops.ema_reference_loop(reference, student, m)
     for t, r in zip(teacher, reference):
         torch.testing.assert_close(t, r, **TIGHT)
+
+
+def on_device_pairs(device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher/student tensors with a loose odd size, a bf16 student and a fallback (non-contiguous) one."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(37, 5), (33,), (64, 64), (300,)]
+    teacher = [torch.randn(*s, generator=g) for s in shapes]
+    student = [torch.randn(*s, generator=g) for s in shapes]
+    student[1] = student[1].bfloat16()
+    student[0] = torch.randn(5, 37, generator=g).t()  # non-contiguous: the fallback
+    return [t.to(device) for t in teacher], [s.to(device) for s in student]
+
+
+def check_on_device_equals_float(device) -> None:
+    """The CUDA-graph step's EMA (momentum read from device memory) gives the float path's teacher bit for bit, for
+    the kernels, their fallback, the foreach lerp and the reference loop, on the m and 1 − m of the step's EMA table."""
+    momenta = (0.996, 0.9, 0.5)
+    table = torch.tensor([[m, 1.0 - m] for m in momenta], dtype=torch.float32, device=device)
+    for impl in ("triton", *ops.ON_DEVICE):
+        (t_float, s), (t_dev, _) = on_device_pairs(device), on_device_pairs(device)
+        if impl == "triton":
+            flat_float, flat_dev = ops.FlatEMA(t_float, s, block=64), ops.FlatEMA(t_dev, s, block=64)
+            assert flat_float.fallback == [0]
+            float_path, device_path = flat_float.update, flat_dev.update_on_device
+        else:
+            float_path = partial(ops.IMPLEMENTATIONS[impl], t_float, s)
+            device_path = partial(ops.ON_DEVICE[impl], t_dev, s)
+        for i, m in enumerate(momenta):
+            float_path(m)
+            device_path(table[i])
+        for a, b in zip(t_float, t_dev):
+            assert torch.equal(a, b)
+
+
+def test_ema_with_the_momentum_on_the_device_equals_the_float_path(interpreted):
+    check_on_device_equals_float("cpu")
+    with pytest.raises(ValueError, match="float32"):
+        ops.FlatEMA(*on_device_pairs("cpu")).update_on_device(torch.tensor([0.9, 0.1], dtype=torch.float64))
+
+
+@cuda
+@needs_cuda
+def test_cuda_ema_with_the_momentum_on_the_device_equals_the_float_path():
+    check_on_device_equals_float("cuda")
 
 
 def test_mismatched_params_are_rejected():

@@ -3,8 +3,7 @@ import math
 import numpy as np
 
 from dino_fast.config import load_config
-from dino_fast.schedules import cosine_scheduler, momentum_schedule, teacher_temp_schedule
-from dino_fast.step import Schedules
+from dino_fast.schedules import Schedules, cosine_scheduler, momentum_schedule, teacher_temp_schedule
 
 
 def test_cosine_schedule_warmup_boundaries_and_last_iteration():

@@ -8,12 +8,16 @@ import math
 import pytest
 import torch
 
+from dino_fast.checkpoint import state_is_finite
 from dino_fast.config import load_config
+from dino_fast.graph_step import DeviceValuesStep
 from dino_fast.health import health_metrics
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients
-from dino_fast.step import METRIC_NAMES, DINOStep, Schedules, state_is_finite
+from dino_fast.schedules import Schedules
+from dino_fast.step import METRIC_NAMES, DINOStep
 from dino_fast.train import build_training, init_distributed
 
+import faults
 from runs import ckpt_dir, run_main, student_state
 
 
@@ -96,7 +100,7 @@ def test_step_object_follows_the_old_train_step(tiny_overrides):
     reference = _final_state(engine, teacher, dino_loss)
 
     cfg, engine, teacher, dino_loss, ema = _setup(overrides)
-    step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
+    step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32")
     metrics = [step(_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH)) for it in ITERS]
     _assert_same(reference, _final_state(engine, teacher, dino_loss), "step object")
     for ref, got in zip(ref_metrics, metrics):
@@ -109,16 +113,18 @@ def test_step_object_follows_the_old_train_step(tiny_overrides):
     assert dino_loss.center.abs().sum() > 0
 
 
-def test_device_value_schedules_give_the_weights_of_float_schedules(tiny_overrides):
-    """The CUDA graph's path: lr / weight decay / momentum read from a device table (lr a tensor in AdamW, the
-    decoupled decay and the EMA applied by the step) train the same weights as floats in the param groups."""
-    overrides = tiny_overrides + EXTRA
+@pytest.mark.parametrize("ema_impl", ["foreach", "triton"])
+def test_device_value_schedules_give_the_weights_of_float_schedules(ema_impl, tiny_overrides):
+    """The CUDA graph's body: lr / weight decay / momentum read from device tables (lr a tensor in capturable AdamW,
+    the decoupled decay applied by the step, the EMA's momentum read by the lerp or the Triton kernels) trains the same
+    weights as floats in the param groups."""
+    overrides = tiny_overrides + EXTRA + [f"dino.ema_impl={ema_impl}"]
     states = {}
     for device_values in (False, True):
         cfg, engine, teacher, dino_loss, ema = _setup(overrides)
         schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
-        step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules,
-                        device_values=device_values)
+        step = (DeviceValuesStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
+                if device_values else DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32"))
         for it in ITERS:
             if device_values and it == 1:  # what a resume does: the param groups' lr / weight decay are replaced
                 saved = engine.optimizer.state_dict()
@@ -136,7 +142,7 @@ def test_device_values_are_refused_under_zero(tiny_overrides):
     cfg, engine, teacher, dino_loss, ema = _setup(tiny_overrides + ["deepspeed.zero_stage=1"])
     schedules = Schedules(cfg, 2, 8)
     with pytest.raises(ValueError, match="zero_stage=0"):
-        DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules, device_values=True)
+        DeviceValuesStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
 
 
 def test_state_is_finite_sees_nan_and_inf_but_not_large_weights():
@@ -154,11 +160,11 @@ def test_state_is_finite_sees_nan_and_inf_but_not_large_weights():
 @pytest.mark.parametrize("every", [1, 0], ids=["checkpoint-every-step", "no-checkpoint-after-it"])
 def test_a_late_nan_stops_with_code_3_and_every_checkpoint_is_finite(every, tiny_overrides, tmp_path, capsys,
                                                                      monkeypatch):
-    """Step 3's crops are NaN (the trainer's DINO_FAST_NAN_AT_STEP hook) on a real run: its loss and, through its
-    update, every weight go NaN. The trainer reads step 3's metrics one step late, or before the checkpoint right
-    after it, and stops with exit code 3 naming step 3; no checkpoint holds the NaN state."""
+    """Step 3's crops are NaN (a fault injected into the loader, tests/faults.py) on a real run: its loss and,
+    through its update, every weight go NaN. The trainer reads step 3's metrics one step late, or before the
+    checkpoint right after it, and stops with exit code 3 naming step 3; no checkpoint holds the NaN state."""
     run = tmp_path / "run"
-    monkeypatch.setenv("DINO_FAST_NAN_AT_STEP", "3")
+    faults.inject(monkeypatch, "nan@3")
     code, err = run_main(tiny_overrides + [f"checkpoint.output_dir={run}", "optim.max_steps=8",
                                            f"checkpoint.every_steps={every}"], capsys)
     assert code == 3, err
@@ -195,7 +201,7 @@ def test_cuda_graph_on_cpu_is_a_one_line_error(tiny_overrides, capsys):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in benchmarks/gpu/gpu_check.sh)")
 def test_cuda_graph_step_follows_the_eager_step(tiny_overrides):
     """On a GPU: 5 steps of the whole-step graph (an eager warm-up step, a capture, replays, a recapture when the
     last-layer freeze ends) train the weights of the eager step object; fp32 and no drop-path, so no draw differs."""
@@ -209,8 +215,8 @@ def test_cuda_graph_step_follows_the_eager_step(tiny_overrides):
         cfg = load_config(None, overrides)
         engine, teacher, dino_loss, ema = build_training(cfg, device, 1, "fp32")
         schedules = Schedules(cfg, 3, cfg.data.batch_size_per_gpu)
-        kind = CudaGraphStep if graphed else DINOStep
-        step = kind(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
+        step = (CudaGraphStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
+                if graphed else DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32"))
         metrics = [step([c.to(device) for c in _crops(cfg, it)], schedules.at(it, it // 3)) for it in range(5)]
         states[graphed] = (_final_state(engine, teacher, dino_loss), [m.read()["loss"] for m in metrics])
         if graphed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from dino_fast.config import load_config
 from dino_fast.train import train
 
+from child_env import clean_env
 from runs import (
     REPO,
     ckpt_dir,
@@ -85,6 +87,24 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_overrides, 
     ckpt = ckpt_dir(run, steps)
     assert latest_tag(run) == ckpt.name and f"stopped by signal {int(signal.SIGTERM)}" not in out  # rank 0 was not
     r0, r1 = (torch.load(ckpt / f"rank{r}_state.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(r0["fingerprint"], r1["fingerprint"])
+
+
+def test_a_loader_failure_on_one_rank_stops_every_rank_within_two_steps(tiny_overrides, tmp_path):
+    """Rank 1's loader fails where step 3's batch would come (tests/faults.py). The ranks agree on the host (a gloo
+    all-reduce, never a wait for the device): rank 0, which has its batch, stops too, both checkpoint step 2 and the
+    run ends with the loader's exit code and message; none hangs in a collective."""
+    run = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "fault_train.py"),
+           *_child_overrides(tiny_overrides, run, workers=0), "data.batch_size_per_gpu=4"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=clean_env(DINO_FAST_TEST_FAULT="loader@3:1"))
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the data loader failed before step 3 (InjectedLoaderError: injected loader failure at step 3)" in \
+        proc.stderr
+    assert steps_logged(run) == 2 and latest_tag(run) == "step_00000002"
+    r0, r1 = (torch.load(ckpt_dir(run, 2) / f"rank{r}_state.pt", weights_only=False) for r in (0, 1))
     assert torch.equal(r0["fingerprint"], r1["fingerprint"])
 
 

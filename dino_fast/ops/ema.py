@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from dino_fast.ops.reference import ema_reference_loop
+from dino_fast.ops.reference import ema_reference_loop, ema_reference_loop_on_device
 
 try:
     import triton
@@ -36,7 +36,20 @@ def ema_foreach(teacher_params: list[torch.Tensor], student_params: list[torch.T
     torch._foreach_lerp_(teacher_params, students, 1.0 - momentum)
 
 
+@torch.no_grad()
+def ema_foreach_on_device(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor],
+                          weights: torch.Tensor) -> None:
+    """:func:`ema_foreach` with the momentum on the device: ``weights`` = [m, 1 − m] (float32, 0-dim views are taken);
+    the lerp weight is a tensor, so nothing is read back to the host (a CUDA graph can capture it)."""
+    w = weights[1].to(teacher_params[0].dtype)
+    students = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for t, s in zip(teacher_params,
+                                                                                            student_params)]
+    torch._foreach_lerp_(teacher_params, students, [w] * len(teacher_params))
+
+
 IMPLEMENTATIONS = {"foreach": ema_foreach, "reference": ema_reference_loop}
+# the same, with the momentum read on the device (the CUDA-graph step); "triton": FlatEMA.update_on_device
+ON_DEVICE = {"foreach": ema_foreach_on_device, "reference": ema_reference_loop_on_device}
 
 _ALIGN = 32  # elements (128 B for fp32): every region of the teacher's flat buffer starts aligned
 _MIN_SPAN_COVERAGE = 0.75  # a student buffer is streamed whole if its parameters fill at least this share of it
@@ -46,8 +59,17 @@ NUM_WARPS = 8
 if triton is not None:
 
     @triton.jit
-    def _ema_flat_kernel(t_ptr, s_ptr, n, momentum, one_minus_momentum, BLOCK: tl.constexpr):
+    def _momentum(momentum, one_minus_momentum, ON_DEVICE: tl.constexpr):
+        """(m, 1 − m): the scalar arguments, or with ON_DEVICE read from the fp32 device memory they point to."""
+        if ON_DEVICE:
+            return tl.load(momentum), tl.load(one_minus_momentum)
+        return momentum, one_minus_momentum
+
+    @triton.jit
+    def _ema_flat_kernel(t_ptr, s_ptr, n, momentum, one_minus_momentum, BLOCK: tl.constexpr,
+                         ON_DEVICE: tl.constexpr = False):
         """t[i] ← m·t[i] + (1−m)·s[i] for i < n; t fp32, s any float dtype (upcast)."""
+        momentum, one_minus_momentum = _momentum(momentum, one_minus_momentum, ON_DEVICE)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         t = tl.load(t_ptr + offs, mask=mask)
@@ -65,8 +87,10 @@ if triton is not None:
         momentum,
         one_minus_momentum,
         BLOCK: tl.constexpr,
+        ON_DEVICE: tl.constexpr = False,
     ):
         """Many tensors in one launch: program p updates block ``block_start[p]`` of tensor ``block_tensor[p]``."""
+        momentum, one_minus_momentum = _momentum(momentum, one_minus_momentum, ON_DEVICE)
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         start = tl.load(block_start + pid)
@@ -239,22 +263,37 @@ class FlatEMA:
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         """t ← m·t + (1−m)·s for every parameter pair (re-lays the buffers out first if a pointer moved)."""
-        if self._ptrs() != self._ptr_key:
-            self._build()
         m = float(momentum)
-        w = 1.0 - m
-        for t_region, s_region in self.span_jobs:
-            n = t_region.numel()
-            _ema_flat_kernel[(triton.cdiv(n, self.block),)](
-                t_region, s_region, n, m, w, BLOCK=self.block, num_warps=self.num_warps
-            )
-        for t_addr, s_addr, numel, blk_tensor, blk_start, s_like in self.group_jobs:
-            _ema_grouped_kernel[(blk_tensor.numel(),)](
-                t_addr, s_addr, numel, blk_tensor, blk_start, s_like, m, w, BLOCK=self.block, num_warps=self.num_warps
-            )
+        self._launch(m, 1.0 - m, on_device=False)
         if self.fallback:
             ema_reference_loop([self.teacher_params[i] for i in self.fallback],
                                [self.student_params[i] for i in self.fallback], m)
+
+    @torch.no_grad()
+    def update_on_device(self, weights: torch.Tensor) -> None:
+        """:meth:`update` with ``weights`` = [m, 1 − m], a float32 device tensor the kernels read (no host sync: a
+        CUDA graph can capture it and a replay sees the values of the moment)."""
+        if weights.dtype != torch.float32 or weights.numel() != 2 or weights.device != self.device:
+            raise ValueError(f"weights must be [m, 1 - m] float32 on {self.device}, got {weights.dtype} "
+                             f"{tuple(weights.shape)} on {weights.device}")
+        self._launch(weights[0:1], weights[1:2], on_device=True)
+        if self.fallback:
+            ema_reference_loop_on_device([self.teacher_params[i] for i in self.fallback],
+                                         [self.student_params[i] for i in self.fallback], weights)
+
+    def _launch(self, m, w, on_device: bool) -> None:
+        if self._ptrs() != self._ptr_key:
+            self._build()
+        for t_region, s_region in self.span_jobs:
+            n = t_region.numel()
+            _ema_flat_kernel[(triton.cdiv(n, self.block),)](
+                t_region, s_region, n, m, w, BLOCK=self.block, ON_DEVICE=on_device, num_warps=self.num_warps
+            )
+        for t_addr, s_addr, numel, blk_tensor, blk_start, s_like in self.group_jobs:
+            _ema_grouped_kernel[(blk_tensor.numel(),)](
+                t_addr, s_addr, numel, blk_tensor, blk_start, s_like, m, w, BLOCK=self.block, ON_DEVICE=on_device,
+                num_warps=self.num_warps,
+            )
 
     @property
     def num_launches(self) -> int:

@@ -51,6 +51,15 @@ def ema_reference_loop(teacher_params: list[torch.Tensor], student_params: list[
         t.mul_(momentum).add_((1 - momentum) * s.detach().to(t.dtype))
 
 
+def ema_reference_loop_on_device(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor],
+                                 weights: torch.Tensor) -> None:
+    """:func:`ema_reference_loop` with ``weights`` = [m, 1 − m] (float32 on the device): the same ops with tensor
+    factors, so nothing is read back to the host and the result is the same bit for bit."""
+    m, w = weights[0], weights[1]
+    for t, s in zip(teacher_params, student_params):
+        t.mul_(m).add_(w * s.detach().to(t.dtype))
+
+
 def random_loss_inputs(b: int, ncrops: int, k: int, dtype: torch.dtype = torch.float32,
                        device: torch.device | str = "cpu", seed: int = 0):
     """(student [ncrops·B, K], teacher [2·B, K], center [1, K]): logits shaped like the head's (cosine similarities,
