@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench gpu-wheels ffcv-carry clean
+.PHONY: setup demo test lint bench gpu-wheels ffcv-carry gpu-prep clean
 
 $(STAMP): pyproject.toml
 	@if ! dpkg -s libturbojpeg0-dev libopencv-dev pkg-config >/dev/null 2>&1; then \
@@ -38,7 +38,7 @@ bench: setup
 	$(PY) -m benchmarks.run_all $(ARGS)
 
 # Wheels the lent GPU machine lacks (it has torch, triton, timm, rich, numpy but no deepspeed), for
-# benchmarks/gpu_check.sh: carried in .whl/ (git-ignored).
+# benchmarks/gpu/gpu_check.sh: carried in .whl/ (git-ignored).
 gpu-wheels: setup
 	mkdir -p .whl
 	$(PIP) wheel -q --no-deps deepspeed==0.19.8 -w .whl
@@ -51,7 +51,12 @@ gpu-wheels: setup
 # (when a 3.12 with headers is here; else the installed build under a suffix every CPython imports) and the shared
 # libraries it links, checked to load from there; ~23 MiB in .ffcv_carry/ (git-ignored), carried by gpu_check.sh.
 ffcv-carry: setup
-	$(PY) -m benchmarks.ffcv_carry --out .ffcv_carry
+	$(PY) -m benchmarks.gpu.ffcv_carry --out .ffcv_carry
+
+# Everything the GPU check needs beside the tree, checked before a lent GPU's minutes are spent: the wheels, FFCV, the
+# reference repository's three files (sha256 sums in benchmarks/gpu/reference_dino.sha256); prints the device calls.
+gpu-prep: gpu-wheels ffcv-carry
+	$(PY) -m benchmarks.gpu.prep
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -5,7 +5,10 @@ Providers, all computing t ← m·t + (1−m)·s over every parameter (teacher f
   * ``foreach``         one multi-tensor lerp (timm ModelEmaV3 style; the best plain-torch path);
   * ``ours-flat``       :class:`dino_fast.ops.ema.FlatEMA`, teacher and student in flat buffers: one streaming launch
                         (what a DeepSpeed-flattened or ``flatten_student=True`` student gets);
-  * ``ours-grouped``    FlatEMA with the student left as separate tensors: one pointer-table launch.
+  * ``ours-grouped``    FlatEMA with the student left as separate tensors: one pointer-table launch;
+  * ``foreach-on-device``, ``ours-flat-on-device``: the CUDA-graph step's EMA, the momentum read from device memory
+                        (``ema_foreach_on_device``: a lerp with a tensor weight; ``FlatEMA.update_on_device``), timed
+                        as that step runs them: captured in a CUDA graph and replayed (eager on CPU).
 The Triton providers need CUDA; on CPU the table shows the torch paths (``foreach`` is what dino_fast picks there).
 Throughput counts the bytes every provider must move (read t, read s, write t) and is compared with the
 device-to-device copy bandwidth measured in the same run.
@@ -54,10 +57,25 @@ def make_params(shapes: list[torch.Size], s_dtype: torch.dtype, device: torch.de
 
 
 def providers(device: torch.device) -> list[str]:
-    names = ["reference", "foreach"]
+    names = ["reference", "foreach", "foreach-on-device"]
     if device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS:
-        names += ["ours-flat", "ours-grouped"]
+        names += ["ours-flat", "ours-grouped", "ours-flat-on-device"]
     return names
+
+
+def _graphed(fn, device: torch.device):
+    """``fn`` captured once as a CUDA graph (as the whole-step graph runs it), replayed per call; eager on CPU."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles, the foreach path's allocations) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def build_update(name: str, teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float,
@@ -66,7 +84,14 @@ def build_update(name: str, teacher: list[torch.Tensor], student: list[torch.Ten
         return lambda: ops.ema_reference_loop(teacher, student, momentum), 1
     if name == "foreach":
         return lambda: ops.ema_foreach(teacher, student, momentum), 1
-    ema = ops.FlatEMA(teacher, student, flatten_student=name == "ours-flat", block=block, num_warps=num_warps)
+    device = teacher[0].device
+    weights = torch.tensor([momentum, 1.0 - momentum], dtype=torch.float32, device=device)
+    if name == "foreach-on-device":
+        return _graphed(lambda: ops.ema_foreach_on_device(teacher, student, weights), device), None
+    ema = ops.FlatEMA(teacher, student, flatten_student=name.startswith("ours-flat"), block=block,
+                      num_warps=num_warps)
+    if name == "ours-flat-on-device":
+        return _graphed(lambda: ema.update_on_device(weights), device), ema.num_launches
     return lambda: ema.update(momentum), ema.num_launches
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import statistics
 import sys
@@ -40,7 +41,14 @@ from benchmarks.loader_images import ensure_benchmark_images
 from dino_fast.config import DataConfig
 from pipelines.folder import DataError, list_images
 
-CONFIGS = {"2x224+8x96": 8, "2x224+10x96": 10}
+CONFIGS = ("2x224+8x96", "2x224+10x96")  # the defaults; any 2xG+NxL is taken (e.g. 2x32+2x16 for a rehearsal)
+_CONFIG = re.compile(r"2x(\d+)\+(\d+)x(\d+)")
+
+
+def crop_config(config: str) -> dict[str, int]:
+    """``2x224+10x96`` → the DataConfig fields of those crops."""
+    g, n, loc = (int(v) for v in _CONFIG.fullmatch(config).groups())
+    return {"global_crop_size": g, "local_crops_number": n, "local_crop_size": loc}
 NAME = "loader"  # the record's rows: shape = crops and batch, mode = the workers; p50 = a batch at the median img/s
 BACKENDS = ("torch", "dali", "ffcv")
 
@@ -104,7 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=0, help="timed epochs per provider (default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of every epoch")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of torch,dali,ffcv")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated crop sets 2xG+NxL (default: "
+                   f"{','.join(CONFIGS)})")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--image-size", default="500x375", help="benchmark JPEGs' WIDTHxHEIGHT (ImageNet-like: 500x375)")
     p.add_argument("--ffcv-resolutions", default="512",
@@ -116,10 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [b for b in args.backends if b not in BACKENDS] + [c for c in args.configs if c not in CONFIGS]
+    bad = [b for b in args.backends if b not in BACKENDS] + [c for c in args.configs if not _CONFIG.fullmatch(c)]
     if bad:
-        _usage(f"unknown backend or config {', '.join(bad)} (backends: {', '.join(BACKENDS)}; configs: "
-               f"{', '.join(CONFIGS)})")
+        _usage(f"unknown backend or config {', '.join(bad)} (backends: {', '.join(BACKENDS)}; configs: 2xG+NxL, "
+               f"e.g. {', '.join(CONFIGS)})")
     if "torch" not in args.backends:
         _usage("--backends must include torch, the baseline the others are compared with")
     try:
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "ffcv_resolutions": args.resolutions})
     for config in args.configs:
         cfg = DataConfig(path=str(image_dir), batch_size_per_gpu=args.batch_size, num_workers=args.workers,
-                         local_crops_number=CONFIGS[config])
+                         **crop_config(config))
         loaders = {b: build(b, cfg, images, device, image_dir) for b in providers}
         speeds, cpu_ms = run_rounds(loaders, args.rounds, args.warmup, device, config)
         add_rows(record, config, args.batch_size, args.workers, loaders, speeds, cpu_ms)

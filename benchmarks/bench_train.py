@@ -22,12 +22,13 @@ dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). Run: ``python -m benchmarks.bench_
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
 import torch
 
-from benchmarks.common import Record, error_text, find_row, pick_device, print_table, speedup, sync
+from benchmarks.common import SCHEMA, Record, error_chain, error_text, find_row, pick_device, print_table, speedup, sync
 from benchmarks.steps import (
     OURS_PROVIDERS,
     OursStep,
@@ -101,6 +102,7 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
     """Time ``provider``'s step: (timing, peak memory bytes, extra). ``flops`` of one step, when known (the compiled
     step does the same work as ours); else counted on our eager step."""
     step = build_step(provider, cfg, device, args.reference_repo)
+    static = torch.cuda.memory_allocated(device) if device.type == "cuda" else None  # weights, optimizer, buffers
     stream = crop_stream(cfg, mode, device, args.images, args.workers)
     t_first = time.perf_counter()
     for i in range(args.warmup):
@@ -126,7 +128,7 @@ def run_case(provider: str, cfg: Config, mode: str, device: torch.device, args,
     timing = {"p20_ms": 1e3 * times[len(times) // 5], "p50_ms": 1e3 * med, "p80_ms": 1e3 * times[4 * len(times) // 5],
               "n": len(times)}
     extra = {"img_per_s": b / med, "data_wait_share": sum(waits) / sum(times), "describe": step.describe,
-             "warmup_s": warmup_s}
+             "warmup_s": warmup_s, "static_bytes": static}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if flops:
         peak_flops_s = peak_flops(device)
@@ -159,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CPU sanity run: ViT-tiny depth 2, 64/32 px, 4 steps")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="train", help="results file stem: <name>_<device>.json")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in the results file (a later part of the same run)")
     p.add_argument("--set", nargs="*", default=[], help="extra dino_fast config overrides")
     args = p.parse_args(argv)
     if "reference-repo" in args.providers.split(",") and not args.reference_repo:
@@ -211,19 +215,49 @@ def set_baselines(rows: list[dict[str, Any]]) -> None:
         r["baseline"] = {"provider": "reference", "mode": "torch" if torch_loader else r["mode"]}
 
 
+DOES_NOT_FIT = "does not fit"
+
+
+def predicted_peak(rows: list[dict[str, Any]], provider: str, arch: str, batch: int, mode: str) -> int | None:
+    """Peak device bytes of ``provider`` at ``batch``, from its measured row of the same arch and mode at the largest
+    smaller batch: the memory held before the first step (weights, optimizer) plus the rest scaled with the batch."""
+    done = [r for r in rows if (r["provider"], r["extra"].get("arch"), r["mode"]) == (provider, arch, mode)
+            and r["error"] is None and r["peak_memory_bytes"] and r["extra"].get("static_bytes") is not None
+            and r["extra"]["batch"] < batch]
+    if not done:
+        return None
+    r = max(done, key=lambda r: r["extra"]["batch"])
+    static = r["extra"]["static_bytes"]
+    return int(static + (r["peak_memory_bytes"] - static) * batch / r["extra"]["batch"])
+
+
 def measure(record: Record, provider: str, cfg: Config, mode: str, args, flops: dict) -> dict[str, Any]:
-    """One row: the step of ``provider`` timed, or the error that stopped it (recorded, and the run goes on)."""
+    """One row: the step of ``provider`` timed, or why not (recorded, and the run goes on). On CUDA a configuration
+    whose predicted peak exceeds the free memory is recorded as "does not fit" without running it, and one that runs
+    out of memory all the same as "does not fit" with the error."""
     facts = step_facts(cfg)
     arch, batch, shape, t0 = facts["arch"], facts["batch"], step_shape(facts), time.perf_counter()
+    device = record.device
+    need = predicted_peak(record.rows, provider, arch, batch, mode) if device.type == "cuda" else None
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if need is not None and need > 0.95 * free:
+        row = record.add(NAME, provider, mode, shape, error=f"{DOES_NOT_FIT}: needs ~{need / 2**30:.1f} GiB "
+                         f"(predicted from its smaller batch), {free / 2**30:.1f} GiB free", fits=False,
+                         predicted_peak_bytes=need, **facts)
+        row["extra"]["row_s"] = time.perf_counter() - t0
+        return row
     try:
-        timing, peak, extra = run_case(provider, cfg, mode, record.device, args, flops.get((arch, batch, mode)))
+        timing, peak, extra = run_case(provider, cfg, mode, device, args, flops.get((arch, batch, mode)))
         if extra.get("step_tflop"):
             flops.setdefault((arch, batch, mode), extra["step_tflop"] * 1e12)
         row = record.add(NAME, provider, mode, shape, timing, peak_memory_bytes=peak, headline=provider in
                          OURS_PROVIDERS, **facts, **extra)
     except Exception as exc:  # record and go on: one failing case must not lose the others
-        row = record.add(NAME, provider, mode, shape, error=error_text(exc, 500), **facts)
-        if record.device.type == "cuda":
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+        error = f"{DOES_NOT_FIT}: {error_text(exc)}" if oom else error_text(exc)
+        row = record.add(NAME, provider, mode, shape, error=error, error_chain=error_chain(exc),
+                         **({"fits": False} if oom else {}), **facts)
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     row["extra"]["row_s"] = time.perf_counter() - t0
     return row
@@ -240,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     record = Record("train_step", device, args.out, stem=args.name, quick=args.quick,
                     mfu_formula="FlopCounterMode FLOPs of one step (student fwd+bwd all crops, teacher fwd globals, "
                                 "loss) / median step time / dense bf16 peak")
+    if args.append and record.path.exists():
+        previous = json.loads(record.path.read_text())
+        if previous.get("schema") == SCHEMA:
+            record.rows = previous["rows"]
     table, flops = [], {}
     for arch, batch, mode, provider in _cases(args, batches):
         cfg = bench_config(arch, batch, args.locals, args.global_size, args.local_size, args.out_dim, device, extra)

@@ -34,6 +34,7 @@ import re
 import statistics
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,10 +189,27 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+" if dirty else "")
 
 
-def error_text(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message`` for a row that records a failure instead of a timing."""
-    first = str(exc).splitlines()[0][:limit] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"
+def error_chain(exc: BaseException) -> list[dict[str, str]]:
+    """Every exception of ``exc``'s chain, the cause first: its type, its message's first line and where it was
+    raised (``file:line``). The cause is what a reader needs: an error raised inside a CUDA graph capture, say, is
+    followed by the capture's own "capture invalidated" error on the way out, which alone says nothing."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{tb[-1].filename.split('site-packages/')[-1]}:{tb[-1].lineno}" if tb else ""
+        chain.append({"type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip()
+                      else "", "where": where})
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return chain[::-1]
+
+
+def error_text(exc: BaseException, limit: int = 2000) -> str:
+    """The whole chain of ``exc`` (:func:`error_chain`) as one line, the cause first: ``Type: message (at file:line)
+    → then Type: message ...``, cut to ``limit`` characters, for a row that records a failure instead of a timing."""
+    parts = [f"{e['type']}: {e['message']}" + (f" (at {e['where']})" if e["where"] else "") for e in error_chain(exc)]
+    text = " → then ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Record:

@@ -4,7 +4,7 @@ crop statistics against the reference and the CPU graph, then timed runs over ``
 Where DALI is not installed (the lent GPU machine: DALI is ~1 GB and cannot travel) it prints
 ``dali-gpu: not installed (...)``, records that, and exits 0. Images: real photographs (``benchmarks.crop_stats``)
 for the contract and the statistics, the loader benchmark's generated 500×375 JPEGs for the timing.
-Run: ``python -m benchmarks.dali_gpu_check [--runs 50] [--out FILE]``.
+Run: ``python -m benchmarks.gpu.dali_gpu_check [--runs 50] [--out FILE]``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pack FFCV for a machine that lacks it (the lent GPU machine: Python 3.12, no compiler use, no registry).
 
-``make ffcv-carry`` → ``.ffcv_carry/`` (git-ignored), which ``benchmarks/gpu_check.sh`` puts on ``PYTHONPATH`` and
+``make ffcv-carry`` → ``.ffcv_carry/`` (git-ignored), which ``benchmarks/gpu/gpu_check.sh`` puts on ``PYTHONPATH`` and
 ``LD_LIBRARY_PATH``:
 
 - ``site/ffcv/``: the installed ffcv package (pure Python; its optional imports are not needed by this project).
@@ -13,7 +13,7 @@
 
 The pack is checked before it is kept: the extension is loaded (import + ctypes) and called under every
 interpreter found (this one, and 3.12 when present) with only ``lib/`` added to the library path.
-Run: ``python -m benchmarks.ffcv_carry [--out .ffcv_carry]``.
+Run: ``python -m benchmarks.gpu.ffcv_carry [--out .ffcv_carry]``.
 """
 
 from __future__ import annotations
