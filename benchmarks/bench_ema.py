@@ -34,6 +34,7 @@ from benchmarks.common import (
     time_fn,
 )
 from dino_fast.ops import ema as ops
+from dino_fast.ops import reference, select
 
 OUT_DIM = 65536
 PARAM_SETS = {"vit_small+head": "vit_small_patch16_224", "vit_base+head": "vit_base_patch16_224"}
@@ -58,7 +59,7 @@ def make_params(shapes: list[torch.Size], s_dtype: torch.dtype, device: torch.de
 
 def providers(device: torch.device) -> list[str]:
     names = ["reference", "foreach", "foreach-on-device"]
-    if device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS:
+    if device.type == "cuda" and "triton" in select.EMA:
         names += ["ours-flat", "ours-grouped", "ours-flat-on-device"]
     return names
 
@@ -81,13 +82,13 @@ def _graphed(fn, device: torch.device):
 def build_update(name: str, teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float,
                  block: int | None = None, num_warps: int | None = None):
     if name == "reference":
-        return lambda: ops.ema_reference_loop(teacher, student, momentum), 1
+        return lambda: reference.ema_reference_loop(teacher, student, momentum), 1
     if name == "foreach":
-        return lambda: ops.ema_foreach(teacher, student, momentum), 1
+        return lambda: reference.ema_foreach(teacher, student, momentum), 1
     device = teacher[0].device
     weights = torch.tensor([momentum, 1.0 - momentum], dtype=torch.float32, device=device)
     if name == "foreach-on-device":
-        return _graphed(lambda: ops.ema_foreach_on_device(teacher, student, weights), device), None
+        return _graphed(lambda: reference.ema_foreach_on_device(teacher, student, weights), device), None
     ema = ops.FlatEMA(teacher, student, flatten_student=name.startswith("ours-flat"), block=block,
                       num_warps=num_warps)
     if name == "ours-flat-on-device":

@@ -40,9 +40,10 @@ from benchmarks.common import (
     speedup,
     time_fn,
 )
+from dino_fast.loss.sinkhorn import sinkhorn_knopp
 from dino_fast.ops import dino_loss as ops
-from dino_fast.ops.reference import random_loss_inputs, reference_dino_loss
-from dino_fast.ops.sinkhorn import sinkhorn_knopp
+from dino_fast.ops import select
+from dino_fast.ops.reference import dino_loss_eager, random_loss_inputs, reference_dino_loss
 
 TEACHER_TEMP, STUDENT_TEMP, K = 0.04, 0.1, 65536
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -56,16 +57,17 @@ def providers(device: torch.device, ncrops: int, with_compile: bool) -> dict[str
     if with_compile:
         torch._dynamo.reset()  # a fresh cache per configuration: no recompile limit, compile time measured alone
         out["compile"] = bind(torch.compile(reference_dino_loss, dynamic=False))
-    fused = device.type == "cuda" and "triton" in ops.IMPLEMENTATIONS
+    fused = device.type == "cuda" and "triton" in select.LOSS
     if fused:
         out["ours"] = bind(ops.dino_loss_triton)
-        out["eager-fused"] = bind(ops.dino_loss_eager)
+        out["eager-fused"] = bind(dino_loss_eager)
     else:
-        out["ours"] = bind(ops.dino_loss_eager)
+        out["ours"] = bind(dino_loss_eager)
+    from_targets = select.LOSS["triton" if fused else "eager"].from_targets
 
     def sinkhorn_loss(s, t, c):
         q = sinkhorn_knopp(t, TEACHER_TEMP, 3)
-        loss = ops.dino_loss_from_targets(s, q, STUDENT_TEMP, ncrops, "triton" if fused else "eager")
+        loss = from_targets(s, q, STUDENT_TEMP, ncrops)
         return loss, t.float().sum(dim=0, keepdim=True)
 
     out["ours-sinkhorn"] = sinkhorn_loss

@@ -26,7 +26,7 @@ import math
 import torch
 
 from dino_fast.health import teacher_health
-from dino_fast.ops.sinkhorn import sinkhorn_knopp
+from dino_fast.loss.sinkhorn import sinkhorn_knopp
 
 
 def _ce(q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def loss_parts(student: torch.nn.Module, teacher: torch.nn.Module, crops: list[t
 def run_parts(run: str, batches: int = 3) -> dict[str, float]:
     """:func:`loss_parts` of a run folder's latest checkpoint, averaged over the first ``batches`` batches of its
     data's epoch 0 (the run's own augmentation, no workers), with the run's final τt."""
-    from dino_fast.export import read_checkpoint
+    from dino_fast.eval.export import read_checkpoint
     from dino_fast.models import build_student_teacher
     from pipelines.build import build_loader
 

@@ -60,10 +60,10 @@ def replay_warnings(steps: list[dict], out_dim: int, warmup_steps: int) -> list[
 
 
 def summarise(run: Path, out_dim: int, warmup_epochs: int) -> dict:
-    """The run's end-of-run summary (:func:`dino_fast.summary.run_summary`) under this file's row keys, with the
+    """The run's end-of-run summary (:func:`dino_fast.eval.summary.run_summary`) under this file's row keys, with the
     collapse warnings the current detector gives on its steps."""
-    from dino_fast.plot import read_metrics
-    from dino_fast.summary import run_summary
+    from dino_fast.eval.plot import read_metrics
+    from dino_fast.eval.summary import run_summary
 
     records = read_metrics(run / "metrics.jsonl")
     s = run_summary(records, out_dim)

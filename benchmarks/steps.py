@@ -3,7 +3,7 @@
 A step = student forward + backward on all crops, teacher forward on the two globals, the loss, per-parameter
 clipping, the optimizer step and the teacher EMA. Providers:
 
-- ``ours``: ``dino_fast.train.build_training`` + the step object ``dino_fast.step.DINOStep`` (DeepSpeed engine, bf16
+- ``ours``: ``dino_fast.engine.build_training`` + the step object ``dino_fast.step.DINOStep`` (DeepSpeed engine, bf16
   torch-autocast on GPU / fp32 on CPU, folded loss or the Triton kernel, foreach/Triton EMA, multi-tensor clipping,
   fused AdamW; metrics read one step late, as the trainer does);
 - ``ours-compiled``: the same with ``model.compile=true`` (torch.compile'd backbones);
@@ -100,8 +100,8 @@ class OursStep:
     """
 
     def __init__(self, cfg: Config, device: torch.device, overrides: tuple[str, ...] = ()):
+        from dino_fast.engine import build_training, init_distributed, make_step, resolve_precision
         from dino_fast.schedules import Schedules
-        from dino_fast.train import build_training, init_distributed, make_step, resolve_precision
 
         init_distributed()
         apply_overrides(cfg, list(overrides))
@@ -162,7 +162,7 @@ class ReferenceStep:
         import vision_transformer as vits
 
         if not torch.distributed.is_initialized():  # the reference's center update all-reduces
-            from dino_fast.train import init_distributed
+            from dino_fast.engine import init_distributed
 
             init_distributed()
         arch = cfg.model.arch.split("_patch")[0]  # vit_small_patch16_224 → vit_small

@@ -206,6 +206,7 @@ class Checkpointer:
         barrier()
         engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"global_step": pos.global_step},
                                save_latest=False)
+        dino_loss.apply_center_update()
         tmp = tmp_root / tag
         fingerprint = teacher_fingerprint(teacher, dino_loss.center)
         torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu(),  # + this rank's Sinkhorn-Knopp queue
@@ -294,6 +295,7 @@ class Checkpointer:
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no engine state in checkpoint '{path}'")
         device = dino_loss.center.device
+        dino_loss.apply_center_update()  # none may be left in flight to land on the loaded center
         teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))
         state = torch.load(path / "dino_state.pt", map_location=device)
         dino_loss.center.copy_(state["center"])

@@ -36,7 +36,7 @@ class ModelConfig:
     head_nlayers: int = 3
     compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
     compile_mode: str = "default"  # with compile: default | reduce-overhead (+ CUDA graphs) | max-autotune | ...
-    pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (dino_fast/weights.py)
+    pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (dino_fast/eval/weights.py)
     packed_crops: bool = False  # student: one backbone pass over all crops (per-token layers once, attention per size)
 
 

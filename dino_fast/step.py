@@ -21,7 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from dino_fast.health import teacher_health
-from dino_fast.koleo import koleo_loss
+from dino_fast.loss import koleo_loss
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients
 from dino_fast.schedules import StepValues
 
@@ -56,7 +56,7 @@ class DINOStep:
     """One DINO iteration on crops already on the device; ``step(crops, values)`` returns :class:`StepMetrics`.
 
     Args:
-        engine, teacher, dino_loss, ema: as built by ``dino_fast.train.build_training``.
+        engine, teacher, dino_loss, ema: as built by ``dino_fast.engine.build_training``.
         cfg: the run config (optim.clip_grad, optim.freeze_last_layer, model.compile, dino.koleo_weight).
         precision: "bf16" (the teacher runs under bf16 autocast, as DeepSpeed runs the student) or "fp32".
     """
@@ -105,6 +105,7 @@ class DINOStep:
             else:
                 student_out = self.engine(crops)
         with record_function("dino:health"):  # before the loss, which updates the center: same center as the loss
+            self.dino_loss.apply_center_update()  # the last step's, all-reduced while this step's forwards ran
             health = teacher_health(teacher_out, self.dino_loss.center, values.teacher_temp, targets)
         with record_function("dino:loss"):
             dino = self.dino_loss(student_out, teacher_out, teacher_temp=values.teacher_temp, targets=targets)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dino_fast.ops import ema as ops
-from dino_fast.ops.select import select_impl
+from dino_fast.ops import select
+from dino_fast.ops.ema import FlatEMA
 
 
 class TeacherEMA:
@@ -34,18 +34,15 @@ class TeacherEMA:
                 raise ValueError(f"teacher/student shape mismatch at {n}: {tuple(t.shape)} vs {tuple(s.shape)}")
             if hasattr(s, "ds_numel") or s.numel() == 0 and hasattr(s, "ds_id"):
                 raise ValueError("the student's parameters are partitioned (ZeRO-3); use deepspeed.zero_stage ≤ 2")
-        self.impl = select_impl("EMA", ops.IMPLEMENTATIONS, impl, self.teacher_params[0].device, env="DINO_FAST_EMA",
-                                fallback="foreach")
-        self.flat: ops.FlatEMA | None = None
+        self.impl = select.ema_impl(impl, self.teacher_params[0].device)
+        self.flat: FlatEMA | None = None
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         if self.impl != "triton":
-            ops.IMPLEMENTATIONS[self.impl](self.teacher_params, self.student_params, float(momentum))
+            select.EMA[self.impl].update(self.teacher_params, self.student_params, float(momentum))
             return
-        if self.flat is None:  # at the first update, after DeepSpeed has laid out the student's buffers
-            self.flat = ops.FlatEMA(self.teacher_params, self.student_params)
-        self.flat.update(momentum)
+        self._flat().update(momentum)
 
     @torch.no_grad()
     def update_on_device(self, weights: torch.Tensor) -> None:
@@ -53,8 +50,11 @@ class TeacherEMA:
         values). Nothing is read back to the host: the Triton path's kernels read m from that memory, the others take
         tensor factors; each gives its float path's result bit for bit."""
         if self.impl != "triton":
-            ops.ON_DEVICE[self.impl](self.teacher_params, self.student_params, weights)
+            select.EMA[self.impl].update_on_device(self.teacher_params, self.student_params, weights)
             return
-        if self.flat is None:
-            self.flat = ops.FlatEMA(self.teacher_params, self.student_params)
-        self.flat.update_on_device(weights)
+        self._flat().update_on_device(weights)
+
+    def _flat(self) -> FlatEMA:
+        if self.flat is None:  # at the first update, after DeepSpeed has laid out the student's buffers
+            self.flat = FlatEMA(self.teacher_params, self.student_params)
+        return self.flat

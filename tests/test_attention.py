@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dino_fast import attention
-from dino_fast.attention import attention_figure, cls_attention, last_block_attention, load_image, mass_mask
+from dino_fast.eval import attention
+from dino_fast.eval.attention import attention_figure, cls_attention, last_block_attention, load_image, mass_mask
 
 
 def _tiny_vit() -> torch.nn.Module:

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dino_fast import export, knn
 from dino_fast.config import Config, save_config
+from dino_fast.eval import export, knn, weights
 from dino_fast.models import DINOHead, build_student_teacher
 
 
@@ -136,7 +136,7 @@ def test_knn_cli_checkpoint_and_exported_weights_agree(tmp_path):
     assert a == b and set(a) == {"1", "3", "20"}
     assert a["1"]["top1"] == 100.0  # near shades of one colour are nearest neighbours
     # The checkpoint loader builds the same network as the teacher it was saved from.
-    backbone = knn.load_backbone_from_checkpoint(run)
+    backbone = weights.load_backbone_from_checkpoint(run)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), teacher.backbone(x), atol=0, rtol=0)

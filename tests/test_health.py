@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dino_fast import health
-from dino_fast.ops.dino_loss import dino_loss_eager
+from dino_fast.ops.reference import dino_loss_eager
 
 
 def _log_softmax(x):

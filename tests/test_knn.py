@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from dino_fast.knn import evaluate_knn, extract_features, knn_classify
+from dino_fast.eval.knn import evaluate_knn, extract_features, knn_classify
 from pipelines.demo_data import generate
 from pipelines.folder import DataError, ImageList, list_images
 
@@ -192,7 +192,7 @@ def test_evaluate_knn_maps_val_classes_by_name(tmp_path):
 def test_knn_cli_missing_path_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "dino_fast.knn", "--weights", str(tmp_path / "nope.safetensors"), "--train",
+        [sys.executable, "-m", "dino_fast.eval.knn", "--weights", str(tmp_path / "nope.safetensors"), "--train",
          str(tmp_path), "--val", str(tmp_path)],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
     )

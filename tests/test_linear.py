@@ -13,9 +13,9 @@ import timm
 import torch
 from PIL import Image
 
-from dino_fast import linear
-from dino_fast.knn import extract_features
-from dino_fast.linear import accuracy, block_features, linear_fast, linear_full, train_heads
+from dino_fast.eval import linear
+from dino_fast.eval.knn import extract_features
+from dino_fast.eval.linear import accuracy, block_features, linear_fast, linear_full, train_heads
 
 
 def _tiny_vit(depth: int = 2) -> torch.nn.Module:

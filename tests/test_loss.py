@@ -72,6 +72,8 @@ def _center_worker(rank, world, port, k, b, out):
     teacher = torch.arange(2 * b * k, dtype=torch.float32).view(2 * b, k) * (rank + 1) / 100
     loss_fn = DINOLoss(k, 2)
     loss_fn(torch.zeros(2 * b, k), teacher, teacher_temp=0.04)
+    out[f"{rank} before"] = loss_fn.center.clone()  # the all-reduce is in flight: the center is the old one
+    loss_fn.apply_center_update()  # what the step does before the next read (dinov2's apply_center_update)
     out[rank] = loss_fn.center.clone()
     torch.distributed.destroy_process_group()
 
@@ -87,6 +89,7 @@ def test_center_is_averaged_over_ranks():
     all_rows = torch.cat([base * (r + 1) for r in range(world)])  # every rank's teacher rows
     expected = 0.1 * all_rows.sum(0, keepdim=True) / (2 * b * world)
     for r in range(world):
+        assert torch.equal(out[f"{r} before"], torch.zeros(1, k))
         torch.testing.assert_close(out[r].double(), expected, rtol=1e-6, atol=1e-9)
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from dino_fast.config import load_config
+from dino_fast.engine import build_training, init_distributed
 from dino_fast.graph_step import DeviceValuesStep
 from dino_fast.schedules import Schedules
 from dino_fast.step import DINOStep
-from dino_fast.train import build_training, init_distributed
 
 from host_sync import HostSyncError, no_host_sync
 

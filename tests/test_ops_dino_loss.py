@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dino_fast.ops import dino_loss as ops
-from dino_fast.ops.reference import random_loss_inputs, reference_dino_loss
+from dino_fast.ops import select
+from dino_fast.ops.reference import dino_loss_eager, random_loss_inputs, reference_dino_loss
 
 INTERPRETED = type(ops._student_loss_grad_kernel).__name__ == "InterpretedFunction"
 cuda = pytest.mark.cuda
@@ -81,12 +82,12 @@ def test_triton_grad_output_not_one(interpreted, dtype):
 
 @pytest.mark.parametrize("b,k,ncrops,dtype", CASES, ids=IDS)
 def test_eager_matches_pair_loop(b, k, ncrops, dtype):
-    check(ops.dino_loss_eager, b, k, ncrops, dtype, "cpu")
+    check(dino_loss_eager, b, k, ncrops, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_grad_output_not_one(dtype):
-    check(ops.dino_loss_eager, 3, 1007, 4, dtype, "cpu", grad_scale=0.37, seed=1)
+    check(dino_loss_eager, 3, 1007, 4, dtype, "cpu", grad_scale=0.37, seed=1)
 
 
 def test_triton_equals_eager_and_strided_inputs(interpreted):
@@ -98,7 +99,7 @@ def test_triton_equals_eager_and_strided_inputs(interpreted):
     loss, colsum = ops.dino_loss_triton(strided, transposed, center, TEACHER_TEMP, STUDENT_TEMP, 3)
     loss.backward()
     x = student.clone().requires_grad_()
-    loss_e, colsum_e = ops.dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    loss_e, colsum_e = dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
     loss_e.backward()
     torch.testing.assert_close(loss, loss_e, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(colsum, colsum_e, rtol=1e-6, atol=1e-5)
@@ -116,7 +117,7 @@ def test_triton_launch_configs(interpreted, teacher_cfg, student_cfg):
     torch.testing.assert_close(colsum.double(), teacher.double().sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
     loss, grad = ops.student_loss_and_grad(student, targets, STUDENT_TEMP, 3, True, student_cfg)
     x = student.clone().requires_grad_()
-    loss_e, _ = ops.dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
+    loss_e, _ = dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 3)
     loss_e.backward()
     torch.testing.assert_close(loss, loss_e.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-8)
@@ -126,7 +127,7 @@ def test_triton_launch_configs(interpreted, teacher_cfg, student_cfg):
 def test_autocast_keeps_fp32_math(name, request):
     if name == "triton":
         request.getfixturevalue("interpreted")
-    fn = ops.IMPLEMENTATIONS[name]
+    fn = select.LOSS[name].dino_loss
     student, teacher, center = random_loss_inputs(3, 4, 1007, torch.bfloat16, "cpu", seed=4)
     plain, _ = fn(student, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -150,7 +151,7 @@ def test_triton_without_grad_and_uniform_collapse(interpreted):
 def test_no_grad_mode(name, request):
     if name == "triton":
         request.getfixturevalue("interpreted")
-    fn = ops.IMPLEMENTATIONS[name]
+    fn = select.LOSS[name].dino_loss
     student, teacher, center = random_loss_inputs(2, 3, 300, torch.float32, "cpu", seed=6)
     x = student.clone().requires_grad_()
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_no_grad_mode(name, request):
     torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("fn", [ops.dino_loss_eager, ops.dino_loss_triton], ids=["eager", "triton"])
+@pytest.mark.parametrize("fn", [dino_loss_eager, ops.dino_loss_triton], ids=["eager", "triton"])
 def test_bad_shapes_are_rejected(fn):
     s, t, c = random_loss_inputs(2, 3, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="ncrops"):
@@ -171,8 +172,16 @@ def test_bad_shapes_are_rejected(fn):
         fn(s, t, c[:, :10], TEACHER_TEMP, STUDENT_TEMP, 3)
 
 
-def test_triton_registered():
-    assert ops.IMPLEMENTATIONS["triton"] is ops.dino_loss_triton
+def test_the_chooser_registers_both_and_picks_triton_on_cuda_only(monkeypatch):
+    assert select.LOSS["triton"].dino_loss is ops.dino_loss_triton
+    assert select.LOSS["eager"].from_targets is not select.LOSS["triton"].from_targets
+    monkeypatch.delenv("DINO_FAST_LOSS", raising=False)
+    assert select.loss_impl("auto", "cpu")[0] == "eager" and select.loss_impl("auto", "cuda")[0] == "triton"
+    assert select.loss_impl("triton", "cpu")[0] == "triton"  # asked for: the interpreter runs it on CPU
+    with pytest.raises(ValueError, match="not available"):
+        select.loss_impl("fused", "cpu")
+    monkeypatch.setenv("DINO_FAST_LOSS", "eager")  # the environment variable wins over the config
+    assert select.loss_impl("triton", "cuda")[0] == "eager"
 
 
 # ---------------------------------------------------------------------------------------------- CUDA (compiled)
@@ -192,14 +201,14 @@ def test_cuda_triton_matches_pair_loop(b, k, ncrops, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_grad_output_not_one(dtype):
     check(ops.dino_loss_triton, 32, 65536, 10, dtype, "cuda", grad_scale=0.37, seed=1)
-    check(ops.dino_loss_eager, 32, 65536, 10, dtype, "cuda", grad_scale=0.37, seed=1)
+    check(dino_loss_eager, 32, 65536, 10, dtype, "cuda", grad_scale=0.37, seed=1)
 
 
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_eager_matches_pair_loop(dtype):
-    check(ops.dino_loss_eager, 16, 65536, 10, dtype, "cuda")
+    check(dino_loss_eager, 16, 65536, 10, dtype, "cuda")
 
 
 @cuda
@@ -209,7 +218,7 @@ def test_cuda_k_131072_strided_and_eager_agree():
     x = student.clone().requires_grad_()
     y = torch.cat([student, student[:, :64]], dim=1)[:, :131072].requires_grad_()
     loss_t, colsum_t = ops.dino_loss_triton(y, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 6)  # strided rows
-    loss_e, colsum_e = ops.dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 6)
+    loss_e, colsum_e = dino_loss_eager(x, teacher, center, TEACHER_TEMP, STUDENT_TEMP, 6)
     loss_t.backward()
     loss_e.backward()
     torch.testing.assert_close(loss_t, loss_e, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,8 @@ import torch
 from dino_fast.config import ModelConfig
 from dino_fast.models import build_student_teacher
 from dino_fast.ops import ema as ops
+from dino_fast.ops import select
+from dino_fast.ops.reference import ema_reference_loop
 from dino_fast.teacher import TeacherEMA
 
 INTERPRETED = type(ops._ema_flat_kernel).__name__ == "InterpretedFunction"
@@ -83,7 +85,7 @@ def check_against_reference(teacher, reference, student, update, momenta=(0.996,
     sd_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     for m in momenta:
         update(m)
-        ops.ema_reference_loop(list(reference.parameters()), list(student.parameters()), m)
+        ema_reference_loop(list(reference.parameters()), list(student.parameters()), m)
         assert_params_close(teacher, reference)
     # Buffers are not averaged.
     for k, v in teacher.named_buffers():
@@ -151,7 +153,7 @@ def test_odd_parameters_fall_back(interpreted):
     assert ema.fallback == [0, 2]
     for m in (0.9, 0.5):
         ema.update(m)
-        ops.ema_reference_loop(reference, student, m)
+        ema_reference_loop(reference, student, m)
     for t, r in zip(teacher, reference):
         torch.testing.assert_close(t, r, **TIGHT)
 
@@ -172,15 +174,15 @@ def check_on_device_equals_float(device) -> None:
     the kernels, their fallback, the foreach lerp and the reference loop, on the m and 1 − m of the step's EMA table."""
     momenta = (0.996, 0.9, 0.5)
     table = torch.tensor([[m, 1.0 - m] for m in momenta], dtype=torch.float32, device=device)
-    for impl in ("triton", *ops.ON_DEVICE):
+    for impl in select.EMA:
         (t_float, s), (t_dev, _) = on_device_pairs(device), on_device_pairs(device)
         if impl == "triton":
             flat_float, flat_dev = ops.FlatEMA(t_float, s, block=64), ops.FlatEMA(t_dev, s, block=64)
             assert flat_float.fallback == [0]
             float_path, device_path = flat_float.update, flat_dev.update_on_device
         else:
-            float_path = partial(ops.IMPLEMENTATIONS[impl], t_float, s)
-            device_path = partial(ops.ON_DEVICE[impl], t_dev, s)
+            float_path = partial(select.EMA[impl].update, t_float, s)
+            device_path = partial(select.EMA[impl].update_on_device, t_dev, s)
         for i, m in enumerate(momenta):
             float_path(m)
             device_path(table[i])
@@ -207,8 +209,12 @@ def test_mismatched_params_are_rejected():
         ops.FlatEMA([torch.zeros(3)], [])
 
 
-def test_triton_registered():
-    assert ops.IMPLEMENTATIONS["triton"] is ops.ema_triton
+def test_the_chooser_registers_every_ema_and_picks_triton_on_cuda_only(monkeypatch):
+    assert set(select.EMA) == {"foreach", "reference", "triton"}
+    monkeypatch.delenv("DINO_FAST_EMA", raising=False)
+    assert select.ema_impl("auto", "cpu") == "foreach" and select.ema_impl("auto", "cuda") == "triton"
+    monkeypatch.setenv("DINO_FAST_EMA", "reference")
+    assert select.ema_impl("triton", "cuda") == "reference"
 
 
 @cuda

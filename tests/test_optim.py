@@ -72,7 +72,7 @@ def test_clipping_reaches_deepspeed_gradients_under_every_zero_stage(stage):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from dino_fast.train import init_distributed
+    from dino_fast.engine import init_distributed
 
     init_distributed()
     torch.manual_seed(0)

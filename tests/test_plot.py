@@ -8,7 +8,7 @@ import math
 import pytest
 from PIL import Image
 
-from dino_fast import plot
+from dino_fast.eval import plot
 
 
 def _write_metrics(path, steps=30, with_entropy=True):

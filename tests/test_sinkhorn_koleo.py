@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dino_fast.koleo import koleo_loss
 from dino_fast.loss import DINOLoss
-from dino_fast.ops import dino_loss as ops
-from dino_fast.ops.sinkhorn import sinkhorn_knopp
+from dino_fast.loss.koleo import koleo_loss
+from dino_fast.loss.sinkhorn import sinkhorn_knopp
+from dino_fast.ops import select
 
 
 def sinkhorn_float64(logits: torch.Tensor, temp: float, iterations: int) -> torch.Tensor:
@@ -105,13 +105,13 @@ def test_koleo_is_lower_for_spread_features_than_for_a_collapsed_batch():
 @pytest.mark.parametrize("impl", ["eager", "triton"])
 @pytest.mark.parametrize("ncrops, b, k", [(2, 3, 17), (6, 4, 1271), (10, 2, 4096)])
 def test_loss_on_given_targets_matches_the_pair_sum(impl, ncrops, b, k):
-    if impl == "triton" and ("triton" not in ops.IMPLEMENTATIONS or os.environ.get("TRITON_INTERPRET") != "1"):
+    if impl == "triton" and ("triton" not in select.LOSS or os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.fail("the Triton interpreter must be on for CPU runs (tests/conftest.py sets TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(ncrops + k)
     student = torch.randn(ncrops * b, k, generator=g) * 3
     q = sinkhorn_knopp(torch.randn(2 * b, k, generator=g), 0.04, 3)
     s = student.clone().requires_grad_(True)
-    loss = ops.dino_loss_from_targets(s, q, 0.1, ncrops, impl)
+    loss = select.LOSS[impl].from_targets(s, q, 0.1, ncrops)
     (2.5 * loss).backward()
     s64 = student.double().requires_grad_(True)
     ref = pair_sum_with_targets(s64, q, 0.1, ncrops)
@@ -164,7 +164,7 @@ def test_sinkhorn_queue_normalises_with_the_previous_steps_teacher_rows():
 
 def test_compiled_sinkhorn_equals_eager():
     """The fused form used on CUDA (torch.compile of the one-rank arithmetic; inductor's CPU backend here)."""
-    from dino_fast.ops.sinkhorn import _single_rank
+    from dino_fast.loss.sinkhorn import _single_rank
 
     logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
     compiled = torch.compile(_single_rank, dynamic=False)

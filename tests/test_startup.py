@@ -1,6 +1,6 @@
 """The CPU start says when DeepSpeed's shared-memory op is about to be built (a silent minute otherwise)."""
 
-from dino_fast.train import shm_op_is_built
+from dino_fast.engine import shm_op_is_built
 
 
 def test_the_op_counts_as_built_only_when_its_library_is_there(tmp_path):

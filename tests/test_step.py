@@ -10,12 +10,12 @@ import torch
 
 from dino_fast.checkpoint import state_is_finite
 from dino_fast.config import load_config
+from dino_fast.engine import build_training, init_distributed
 from dino_fast.graph_step import DeviceValuesStep
 from dino_fast.health import health_metrics
 from dino_fast.optim import cancel_last_layer_grads, clip_gradients
 from dino_fast.schedules import Schedules
 from dino_fast.step import METRIC_NAMES, DINOStep
-from dino_fast.train import build_training, init_distributed
 
 import faults
 from runs import ckpt_dir, run_main, student_state

@@ -3,7 +3,7 @@
 import json
 import math
 
-from dino_fast.summary import run_summary, summarise_run
+from dino_fast.eval.summary import run_summary, summarise_run
 
 
 def _records():

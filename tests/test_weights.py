@@ -12,12 +12,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from dino_fast import export, knn
 from dino_fast.checkpoint import CheckpointError
 from dino_fast.config import ConfigError, load_config
+from dino_fast.eval import export, knn
+from dino_fast.eval.weights import backbone_from_weights, init_from_pretrained, read_weights
 from dino_fast.models import build_student_teacher
 from dino_fast.train import train
-from dino_fast.weights import backbone_from_weights, init_from_pretrained, read_weights
 
 from runs import ckpt_dir, run_main, student_state
 

@@ -34,8 +34,8 @@ NEEDS_CUDA = "needs CUDA"
 
 def _train(cfg, device: torch.device, graphed: bool = False, steps: int = 3):
     """``steps`` steps of the trainer's step object from one seed: (student state, teacher state, losses)."""
+    from dino_fast.engine import build_training, init_distributed, make_step
     from dino_fast.schedules import Schedules
-    from dino_fast.train import build_training, init_distributed, make_step
 
     init_distributed()
     cfg.train.cuda_graph = graphed

@@ -1,4 +1,6 @@
-"""DINO cross-entropy over all (teacher global, student crop) pairs, with the centered, sharpened teacher softmax.
+"""The DINO loss as two Triton kernels (the teacher step, the student step), their launchers and one autograd Function.
+
+DINO cross-entropy over all (teacher global, student crop) pairs, with the centered, sharpened teacher softmax.
 
 Math (DINO_SPEC "Loss"): with s_v = student logits of crop v / τs and q_iq = softmax((t_iq − c) / τt),
 
@@ -11,9 +13,10 @@ this is tested against is :func:`dino_fast.ops.reference.reference_dino_loss`.
 Shapes:
     student_output: [ncrops·B, K] (crop order G1, G2, L1..LN), teacher_output: [2·B, K] (G1, G2), center: [1, K].
 
-:func:`dino_loss` (``impl`` "eager" or "triton"; :data:`IMPLEMENTATIONS` holds both bound) runs two steps and
-returns ``(loss, teacher_colsum)``: the scalar loss and the fp32 column sum of the raw teacher logits over the local
-rows, ``[1, K]`` (what the center update needs), so the teacher logits are read once.
+:func:`dino_loss_triton` (and its eager twin :func:`dino_fast.ops.reference.dino_loss_eager`; which one runs is
+chosen in ``dino_fast.ops.select``) runs two steps and returns ``(loss, teacher_colsum)``: the scalar loss and the
+fp32 column sum of the raw teacher logits over the local rows, ``[1, K]`` (what the center update needs), so the
+teacher logits are read once.
 
 1. The teacher step: the targets q and the column sum. Eager: a dense fp32 softmax. Triton:
    ``_teacher_softmax_colsum_kernel``, one program per (column block j, group of rows), reading the teacher logits
@@ -28,40 +31,23 @@ rows, ``[1, K]`` (what the center update needs), so the teacher logits are read 
 
        ∂loss/∂s_v = (|Q_v|·softmax(s_v/τs) − Q_v) / (τs · B · n_terms),   |Q_v| = 1 (global v) or 2 (local v).
 
-:func:`dino_loss_from_targets` runs the student step on given targets (Sinkhorn-Knopp's).
+:func:`dino_loss_from_targets_triton` runs the student step on given targets (Sinkhorn-Knopp's).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
+
+from dino_fast.ops.reference import StoredGradLoss, folded_loss, loss_from_targets
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is a hard dependency; the eager path still works without it
     triton = None
-
-
-def _check_shapes(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor, ncrops: int):
-    if ncrops < 2:
-        raise ValueError(f"ncrops must be ≥ 2 (two global crops), got {ncrops}")
-    if student_output.dim() != 2 or teacher_output.dim() != 2:
-        raise ValueError("student_output and teacher_output must be 2-D [rows, K] logits")
-    rows, k = student_output.shape
-    if rows % ncrops or teacher_output.shape != (2 * (rows // ncrops), k):
-        raise ValueError(
-            f"student_output {tuple(student_output.shape)} and teacher_output {tuple(teacher_output.shape)} do not "
-            f"fit ncrops={ncrops}: expected [ncrops·B, K] and [2·B, K]"
-        )
-    if center.numel() != k:
-        raise ValueError(f"center has {center.numel()} elements, expected K={k} (shape [1, K])")
-    return rows // ncrops, k
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
@@ -78,61 +64,6 @@ def _check_triton(*tensors: torch.Tensor) -> None:
         raise ValueError(f"student, teacher and center must be on one device, got {[str(t.device) for t in tensors]}")
     if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"dino_loss_triton runs on CUDA tensors (got {dev}); use the 'eager' implementation on CPU")
-
-
-class _StoredGradLoss(torch.autograd.Function):
-    """A student step: ``forward(ctx, student_output, targets, student_temp, ncrops, compute_grad)`` returns the loss
-    and saves ∂loss/∂student (None without ``compute_grad``); backward only scales it."""
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        if grad is not None:  # scaled on the device: checking for grad_loss == 1 first would sync the host
-            grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None
-
-
-class _EagerStudentLoss(_StoredGradLoss):
-    """Folded-target loss in plain PyTorch (fp32 math) against dense targets q [2, B, K]."""
-
-    @staticmethod
-    def forward(ctx, student_output: torch.Tensor, q: torch.Tensor, student_temp: float, ncrops: int,
-                compute_grad: bool):
-        _, b, k = q.shape
-        n_terms = 2 * (ncrops - 1)
-        x = student_output.detach()
-        # One fp32 buffer, reused: s/τs → log_softmax → softmax → gradient.
-        s = x.float().div_(student_temp) if x.dtype != torch.float32 else x.div(student_temp)
-        ls = torch.log_softmax(s.view(ncrops, b, k), dim=-1)
-        del s
-        # Per-row cross-entropy −Q_v·log_softmax(s_v) (Σ_k Q_v = |Q_v| folds the LSE in).
-        ce = torch.empty(ncrops, b, device=ls.device, dtype=torch.float32)
-        ce[0] = torch.einsum("bk,bk->b", q[1], ls[0])
-        ce[1] = torch.einsum("bk,bk->b", q[0], ls[1])
-        q_local = q[0] + q[1] if ncrops > 2 else None
-        if q_local is not None:
-            ce[2:] = torch.einsum("bk,vbk->vb", q_local, ls[2:])
-        loss = -ce.sum() / (b * n_terms)
-        grad = None
-        if compute_grad:
-            scale = 1.0 / (student_temp * b * n_terms)
-            p = ls.exp_()
-            p[0].mul_(scale).sub_(q[1], alpha=scale)
-            p[1].mul_(scale).sub_(q[0], alpha=scale)
-            if q_local is not None:
-                p[2:].mul_(2 * scale).sub_(q_local, alpha=scale)
-            grad = p.view(ncrops * b, k).to(student_output.dtype)
-        ctx.save_for_backward(grad)
-        return loss
-
-
-def _eager_teacher_targets(teacher_output: torch.Tensor, center: torch.Tensor,
-                           teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense targets q = softmax((t − c)/τt) as [2, B, K] fp32, and the column sum [1, K] of the teacher rows."""
-    teacher = teacher_output.detach().float()
-    rows, k = teacher.shape
-    q = torch.softmax((teacher - center.detach().float().reshape(1, k)) / teacher_temp, dim=-1)
-    return q.view(2, rows // 2, k), teacher.sum(dim=0, keepdim=True)
 
 
 if triton is not None:
@@ -339,7 +270,7 @@ def student_loss_and_grad(
     return row_loss.sum(), grad if compute_grad else None
 
 
-class _TritonStudentLoss(_StoredGradLoss):
+class _TritonStudentLoss(StoredGradLoss):
     """The student kernel against targets in the teacher kernel's block form (:class:`TeacherTargets`)."""
 
     @staticmethod
@@ -361,23 +292,9 @@ def _targets_from_probabilities(q: torch.Tensor) -> TeacherTargets:
     return TeacherTargets(e, torch.zeros_like(block_sum), block_sum, block)
 
 
-class _Path(NamedTuple):
-    """One implementation's two steps, and how it takes given (dense) targets."""
-
-    teacher: Callable  # (teacher_output, center, τt) → (targets, colsum [1, K])
-    from_probabilities: Callable  # dense targets [2·B, K] fp32 → the student step's targets
-    student: type[_StoredGradLoss]
-
-
-_PATHS = {
-    "eager": _Path(_eager_teacher_targets, lambda q: q.view(2, q.shape[0] // 2, q.shape[1]), _EagerStudentLoss),
-    "triton": _Path(teacher_targets_and_colsum, _targets_from_probabilities, _TritonStudentLoss),
-}
-
-
-def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float,
-              student_temp: float, ncrops: int, impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
-    """The folded DINO loss: the teacher step, then the student step (see the module docstring).
+def dino_loss_triton(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
+                     teacher_temp: float, student_temp: float, ncrops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded DINO loss with the fused kernels: the teacher kernel, then the student kernel (module docstring).
 
     Args:
         student_output: [ncrops·B, K] logits (fp32/bf16/fp16; math in fp32), crop order G1, G2, L1..LN; rows may be
@@ -385,43 +302,23 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
         teacher_output: [2·B, K] logits (G1, G2), treated as constants.
         center: [1, K], the old one: the caller updates it afterwards with the returned column sum.
         teacher_temp, student_temp: τt, τs.  ncrops: 2 + N.
-        impl: "eager" (plain PyTorch: the CPU path and the fallback) or "triton" (the fused kernels: CUDA, or CPU
-            tensors under ``TRITON_INTERPRET=1``).
 
     Returns:
         ``loss`` (fp32 scalar, differentiable w.r.t. ``student_output``; the gradient, stored in the student dtype,
         is computed in the forward) and ``teacher_colsum`` (fp32 [1, K], Σ_rows of the raw teacher logits).
 
-    Math: loss = Σ_v mean_b [ |Q_v|·LSE(s_v/τs) − Q_v·s_v/τs ] / (2·(ncrops−1)), Q_v = Σ_{iq≠v} q_iq.
+    Math: loss = Σ_v mean_b [ |Q_v|·LSE(s_v/τs) − Q_v·s_v/τs ] / (2·(ncrops−1)), Q_v = Σ_{iq≠v} q_iq. Its eager twin
+    (same signature, same numbers to fp32 rounding) is :func:`dino_fast.ops.reference.dino_loss_eager`.
     """
-    _check_shapes(student_output, teacher_output, center, ncrops)
-    if impl == "triton":
-        _check_triton(student_output, teacher_output, center)
-    path = _PATHS[impl]
-    # needs_input_grad stays True under no_grad: decide here whether a gradient is wanted at all.
-    want_grad = torch.is_grad_enabled() and student_output.requires_grad
-    # The loss runs under the trainer's autocast; keep every op here (einsum included) in fp32.
-    with torch.autocast(device_type=student_output.device.type, enabled=False):
-        targets, colsum = path.teacher(teacher_output, center, teacher_temp)
-        return path.student.apply(student_output, targets, student_temp, ncrops, want_grad), colsum
+    _check_triton(student_output, teacher_output, center)
+    return folded_loss(teacher_targets_and_colsum, _TritonStudentLoss, student_output, teacher_output, center,
+                       teacher_temp, student_temp, ncrops)
 
 
-def dino_loss_from_targets(student_output: torch.Tensor, targets: torch.Tensor, student_temp: float, ncrops: int,
-                           impl: str = "eager") -> torch.Tensor:
+def dino_loss_from_targets_triton(student_output: torch.Tensor, targets: torch.Tensor, student_temp: float,
+                                  ncrops: int) -> torch.Tensor:
     """The DINO cross-entropy against given teacher targets ``[2·B, K]`` (rows are distributions, e.g. from
-    :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`): the student step of :func:`dino_loss`, same pairs, folding and
-    gradient. ``impl``: "eager" or "triton" (the fused student kernel reading the dense targets)."""
-    _check_shapes(student_output, targets, targets.new_zeros(1, targets.shape[1]), ncrops)
-    path = _PATHS[impl]
-    want_grad = torch.is_grad_enabled() and student_output.requires_grad
-    with torch.autocast(device_type=student_output.device.type, enabled=False):
-        q = path.from_probabilities(targets.detach().float())
-        return path.student.apply(student_output, q, student_temp, ncrops, want_grad)
-
-
-# The implementations under the common signature fn(student_output, teacher_output, center, τt, τs, ncrops).
-dino_loss_eager = functools.partial(dino_loss, impl="eager")
-dino_loss_triton = functools.partial(dino_loss, impl="triton")
-IMPLEMENTATIONS = {"eager": dino_loss_eager}
-if triton is not None:
-    IMPLEMENTATIONS["triton"] = dino_loss_triton
+    :func:`dino_fast.loss.sinkhorn.sinkhorn_knopp`): the student kernel reading the dense targets."""
+    _check_triton(student_output, targets)
+    return loss_from_targets(_targets_from_probabilities, _TritonStudentLoss, student_output, targets, student_temp,
+                             ncrops)

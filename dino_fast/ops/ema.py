@@ -1,7 +1,8 @@
-"""Teacher EMA: t ← m·t + (1 − m)·s over every teacher parameter (DINO_SPEC "Optimisation").
+"""Teacher EMA as Triton kernels: t ← m·t + (1 − m)·s over every teacher parameter (DINO_SPEC "Optimisation").
 
-Implementations share one signature ``fn(teacher_params, student_params, momentum) -> None`` (in place on the
-teacher, fp32; the student may be fp32 or bf16).
+The EMA's implementations share one signature ``fn(teacher_params, student_params, momentum) -> None`` (in place on
+the teacher, fp32; the student may be fp32 or bf16); the plain-torch ones (the reference loop, the foreach lerp) are
+in :mod:`dino_fast.ops.reference`, the choice among them in ``dino_fast.ops.select``.
 
 The Triton path (:class:`FlatEMA`, which :class:`dino_fast.teacher.TeacherEMA` holds; :func:`ema_triton` is its
 one-off functional form) lays the teacher parameters out in one flat fp32 buffer and re-points them as views into
@@ -27,29 +28,6 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency; the torch paths still work without it
     triton = None
 
-
-@torch.no_grad()
-def ema_foreach(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """One multi-tensor lerp (timm ModelEmaV3 style): t + (1−m)·(s − t) = m·t + (1−m)·s."""
-    students = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for t, s in zip(teacher_params,
-                                                                                            student_params)]
-    torch._foreach_lerp_(teacher_params, students, 1.0 - momentum)
-
-
-@torch.no_grad()
-def ema_foreach_on_device(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor],
-                          weights: torch.Tensor) -> None:
-    """:func:`ema_foreach` with the momentum on the device: ``weights`` = [m, 1 − m] (float32, 0-dim views are taken);
-    the lerp weight is a tensor, so nothing is read back to the host (a CUDA graph can capture it)."""
-    w = weights[1].to(teacher_params[0].dtype)
-    students = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for t, s in zip(teacher_params,
-                                                                                            student_params)]
-    torch._foreach_lerp_(teacher_params, students, [w] * len(teacher_params))
-
-
-IMPLEMENTATIONS = {"foreach": ema_foreach, "reference": ema_reference_loop}
-# the same, with the momentum read on the device (the CUDA-graph step); "triton": FlatEMA.update_on_device
-ON_DEVICE = {"foreach": ema_foreach_on_device, "reference": ema_reference_loop_on_device}
 
 _ALIGN = 32  # elements (128 B for fp32): every region of the teacher's flat buffer starts aligned
 _MIN_SPAN_COVERAGE = 0.75  # a student buffer is streamed whole if its parameters fill at least this share of it
@@ -307,6 +285,3 @@ def ema_triton(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     instead (:class:`dino_fast.teacher.TeacherEMA` does). The student's storage is never re-pointed."""
     FlatEMA(teacher_params, student_params).update(momentum)
 
-
-if triton is not None:
-    IMPLEMENTATIONS["triton"] = ema_triton

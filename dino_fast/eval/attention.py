@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from dino_fast.checkpoint import CheckpointError
-from dino_fast.weights import add_source_args, load_source
+from dino_fast.eval.weights import add_source_args, load_source
 from pipelines.folder import DataError, list_images
 from pipelines.spec import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 

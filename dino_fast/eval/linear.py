@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dino_fast.checkpoint import CheckpointError
-from dino_fast.knn import _labelled_pair, extract_features
-from dino_fast.weights import add_source_args, load_source
+from dino_fast.eval.knn import _labelled_pair, extract_features
+from dino_fast.eval.weights import add_source_args, load_source
 from pipelines.folder import DataError, ImageList
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 

@@ -6,10 +6,10 @@ The center update is split as dinov2 splits it, so its communication overlaps th
    targets also gives the column sum of the teacher logits (one read of them, fused in the Triton path);
 2. :meth:`DINOLoss.reduce_center_update` (called at the end of forward) starts the all-reduce of that column sum
    without waiting for it;
-3. :meth:`DINOLoss.apply_center_update` waits for it and applies center ← m·center + (1−m)·batch_center. It runs
-   just before the center is next read: every read of ``center`` (the next step's targets, the health metrics, a
-   checkpoint, ``state_dict``, a move to another device) applies a pending update first. With one process there is
-   nothing to wait for and the update is applied at once.
+3. :meth:`DINOLoss.apply_center_update` waits for it and applies center ← m·center + (1−m)·batch_center. Whoever
+   reads the center calls it first, as dinov2 does: the step before the health metrics (the next teacher softmax),
+   :meth:`DINOLoss.forward` itself, the checkpointer before it saves or loads. With one process there is nothing to
+   wait for and the update is applied at once, inside forward.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import torch.distributed
 from torch import nn
 
 from dino_fast import dist
-from dino_fast.ops import dino_loss as ops
-from dino_fast.ops.select import select_impl
-from dino_fast.ops.sinkhorn import sinkhorn_knopp
+from dino_fast.loss.sinkhorn import sinkhorn_knopp
+from dino_fast.ops import select
 
 
 class DINOLoss(nn.Module):
@@ -37,9 +36,10 @@ class DINOLoss(nn.Module):
         student_temp: τs.
         center_momentum: EMA factor of the center.
         impl: "auto" | "eager" | "triton"; the environment variable ``DINO_FAST_LOSS`` overrides it, auto is the
-            Triton kernels on CUDA, else eager (re-chosen when the module moves to another device).
+            Triton kernels on CUDA, else eager (``dino_fast.ops.select``).
+        device: where the buffers live and the loss runs (the implementation is chosen for it).
         centering: "centering" (the reference: softmax((t − center)/τt)) or "sinkhorn_knopp" (DINOv2's doubly
-            normalised targets, :func:`dino_fast.ops.sinkhorn.sinkhorn_knopp`; the center is still tracked, for the
+            normalised targets, :func:`dino_fast.loss.sinkhorn.sinkhorn_knopp`; the center is still tracked, for the
             health metrics, but not used).
         sinkhorn_iterations: normalisation rounds of Sinkhorn-Knopp.
         sinkhorn_queue: Sinkhorn-Knopp normalises this step's teacher rows together with up to this many teacher
@@ -49,7 +49,7 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  impl: str = "auto", centering: str = "centering", sinkhorn_iterations: int = 3,
-                 sinkhorn_queue: int = 0):
+                 sinkhorn_queue: int = 0, device: torch.device | str = "cpu"):
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
@@ -58,45 +58,24 @@ class DINOLoss(nn.Module):
         self.ncrops = ncrops
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.requested_impl = impl
         # (all-reduce handle or None, this rank's batch column sum, rows it sums over): the update not yet applied.
         self._pending: tuple[torch.distributed.Work | None, torch.Tensor, int] | None = None
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, out_dim, device=device))
         if sinkhorn_queue:  # only then: checkpoints of runs without a queue keep their keys
-            self.register_buffer("sinkhorn_queue", torch.zeros(sinkhorn_queue, out_dim))
-            self.register_buffer("sinkhorn_queue_rows", torch.zeros((), dtype=torch.long))  # filled so far
+            self.register_buffer("sinkhorn_queue", torch.zeros(sinkhorn_queue, out_dim, device=device))
+            self.register_buffer("sinkhorn_queue_rows", torch.zeros((), dtype=torch.long, device=device))
             # The fill level as the host knows it (one push of a known size per step, the same on every rank): the
             # step slices the queue by it without reading the buffer back; a state_dict load reads it once.
             self.register_load_state_dict_post_hook(lambda module, _keys: module._count_queue_rows())
+        self.queue_size = sinkhorn_queue
         self._queue_rows = 0
-        self.impl = self._select_impl()
-
-    def _select_impl(self) -> str:
-        return select_impl("loss", ops.IMPLEMENTATIONS, self.requested_impl, self._buffers["center"].device,
-                           env="DINO_FAST_LOSS", fallback="eager")
-
-    def __getattr__(self, name: str):
-        if name == "center":  # a read of the center sees the update of the last step
-            self.apply_center_update()
-        return super().__getattr__(name)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.apply_center_update()
-        out = super()._apply(fn, *args, **kwargs)
-        self.impl = self._select_impl()  # the center (the module) may be on another device now
-        return out
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.apply_center_update()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.apply_center_update()  # older than what is loaded: applied first, then overwritten
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.impl, self._ops = select.loss_impl(impl, device)
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         """This rank's own state for a checkpoint (the Sinkhorn-Knopp queue; empty without one)."""
-        return {k: v for k, v in self._buffers.items() if k.startswith("sinkhorn_queue")}
+        if not self.queue_size:
+            return {}
+        return {"sinkhorn_queue": self.sinkhorn_queue, "sinkhorn_queue_rows": self.sinkhorn_queue_rows}
 
     @torch.no_grad()
     def load_rank_state(self, state: dict) -> None:
@@ -112,16 +91,16 @@ class DINOLoss(nn.Module):
 
     def _count_queue_rows(self) -> None:
         """The host's fill level from the buffer (after a load: one read, never per step)."""
-        if "sinkhorn_queue_rows" in self._buffers:
-            self._queue_rows = int(self._buffers["sinkhorn_queue_rows"])
+        if self.queue_size:
+            self._queue_rows = int(self.sinkhorn_queue_rows)
 
     def sinkhorn_targets(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor | None:
         """The Sinkhorn-Knopp targets [2·B, K] of this step (None with the reference centering)."""
         if self.centering != "sinkhorn_knopp":
             return None
-        if "sinkhorn_queue" not in self._buffers:
+        if not self.queue_size:
             return sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations)
-        queue, rows = self._buffers["sinkhorn_queue"], teacher_output.shape[0]
+        queue, rows = self.sinkhorn_queue, teacher_output.shape[0]
         filled = self._queue_rows  # the same on every rank: one push per step
         q = sinkhorn_knopp(torch.cat([teacher_output.detach().float(), queue[:filled]]), teacher_temp,
                            self.sinkhorn_iterations)[:rows]
@@ -131,7 +110,7 @@ class DINOLoss(nn.Module):
                 queue[rows:rows + keep] = queue[:keep].clone()
             queue[:min(rows, queue.shape[0])] = teacher_output.detach().float()[:queue.shape[0]]
             self._queue_rows = min(filled + rows, queue.shape[0])
-            self._buffers["sinkhorn_queue_rows"].fill_(self._queue_rows)  # for checkpoints
+            self.sinkhorn_queue_rows.fill_(self._queue_rows)  # for checkpoints
         return q
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, *, teacher_temp: float,
@@ -140,15 +119,17 @@ class DINOLoss(nn.Module):
 
         ``teacher_temp`` is τt of this step (``StepValues.teacher_temp``). With Sinkhorn-Knopp centering,
         ``targets`` (from :meth:`sinkhorn_targets`, computed here if None) replace the centered teacher softmax.
-        Starts the center update (:meth:`reduce_center_update`) before returning.
+        Applies a pending center update first and starts this step's (:meth:`reduce_center_update`) before
+        returning.
         """
         if self.centering == "sinkhorn_knopp":
             q = self.sinkhorn_targets(teacher_output, teacher_temp) if targets is None else targets
-            loss = ops.dino_loss_from_targets(student_output, q, self.student_temp, self.ncrops, self.impl)
+            loss = self._ops.from_targets(student_output, q, self.student_temp, self.ncrops)
             colsum = teacher_output.detach().float().sum(dim=0, keepdim=True)
         else:
-            loss, colsum = ops.dino_loss(student_output, teacher_output, self.center, teacher_temp, self.student_temp,
-                                         self.ncrops, impl=self.impl)
+            self.apply_center_update()  # the old center: the last step's update applied, this one's not yet
+            loss, colsum = self._ops.dino_loss(student_output, teacher_output, self.center, teacher_temp,
+                                               self.student_temp, self.ncrops)
         self.reduce_center_update(colsum, teacher_output.shape[0])
         return loss
 
@@ -167,7 +148,8 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def apply_center_update(self) -> None:
         """center ← m·center + (1−m)·(Σ over all ranks' teacher rows) / (rows per rank × world size), once the
-        all-reduce started by :meth:`reduce_center_update` has finished; nothing when no update is pending."""
+        all-reduce started by :meth:`reduce_center_update` has finished; nothing when no update is pending. Call it
+        before reading ``center`` (the step, the checkpointer and forward do)."""
         if self._pending is None:
             return
         work, batch_center, count = self._pending
@@ -175,4 +157,4 @@ class DINOLoss(nn.Module):
         if work is not None:
             work.wait()
         batch_center = batch_center / count
-        self._buffers["center"].mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -3,7 +3,7 @@
 Read from ``metrics.jsonl`` (the whole file, so a resumed run is summarised from its first step): the teacher's
 k-NN top-1 on the held-out split at the first and last measurement, the DINO loss and the teacher's entropy over
 the first and last 10 steps against ln K (where a head that learnt nothing sits), and the path of the PNG that
-:mod:`dino_fast.plot` draws.
+:mod:`dino_fast.eval.plot` draws.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def summary_lines(s: dict[str, float | None], plot: Path | None, plot_note: str 
 
 def summarise_run(metrics_file: Path, out_dim: int, plot: bool = True) -> list[str]:
     """The summary lines of the run whose metrics are in ``metrics_file``; draws ``metrics.png`` beside it."""
-    from dino_fast.plot import MetricsFileError, plot_metrics, read_metrics
+    from dino_fast.eval.plot import MetricsFileError, plot_metrics, read_metrics
 
     try:
         records = read_metrics(metrics_file)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from dino_fast.checkpoint import CheckpointError
-from dino_fast.export import read_checkpoint, read_metadata, split_state_dict, timm_kwargs
+from dino_fast.eval.export import read_checkpoint, read_metadata, split_state_dict, timm_kwargs
+from dino_fast.models import build_backbone
 
 _PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP/DeepSpeed, torch.compile, DINO's MultiCropWrapper
 _SUBDICTS = ("teacher", "student", "state_dict", "model", "module")  # the first present one holds the weights
@@ -195,7 +196,6 @@ def backbone_from_weights(path: str | Path, arch: str | None = None) -> tuple[nn
     The file decides patch size, depth and position-embedding grid; ``arch`` (else the one the file names, else
     the timm ViT of the file's width) decides the rest (heads, MLP ratio).
     """
-    from dino_fast.models import build_backbone
 
     w = read_weights(path)
     s = w.shape()
@@ -210,6 +210,21 @@ def backbone_from_weights(path: str | Path, arch: str | None = None) -> tuple[nn
         raise CheckpointError(f"--arch: {exc}") from None
     load_into(backbone, w, f"pass --arch with a ViT of width {s['dim']} (e.g. {ARCH_BY_DIM.get(s['dim'], '?')})")
     return backbone.eval(), arch
+
+
+def load_backbone_from_checkpoint(ckpt_dir: str | Path, which: str = "teacher") -> nn.Module:
+    """The ``teacher`` (or ``student``) backbone of a dino_fast checkpoint (a checkpoint folder, a run folder →
+    its latest checkpoint), built from the run config saved with it; returned on the CPU in eval mode."""
+    ckpt = read_checkpoint(ckpt_dir, which)
+    backbone_sd, _ = split_state_dict(ckpt.state_dict)
+    m = ckpt.config.model
+    backbone = build_backbone(m.arch, ckpt.config.data.global_crop_size, 0.0, m.patch_size, m.depth)
+    try:
+        backbone.load_state_dict(backbone_sd, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches
+        raise CheckpointError(f"{which} weights in '{ckpt.path}' do not match model.arch={m.arch} from its config: "
+                              f"{str(exc).splitlines()[0]} ...") from None
+    return backbone.eval()
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -227,8 +242,6 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
 def load_source(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The backbone named by :func:`add_source_args`' arguments, on the CPU in eval mode, and a description."""
     if args.checkpoint:
-        from dino_fast.knn import load_backbone_from_checkpoint
-
         return load_backbone_from_checkpoint(args.checkpoint, args.which), args.checkpoint
     backbone, arch = backbone_from_weights(args.weights, args.arch)
     return backbone, f"{args.weights} ({arch})"

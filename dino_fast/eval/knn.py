@@ -6,7 +6,7 @@ class with weight exp(sim / 0.07); argmax of the summed votes is the prediction;
 k ∈ {10, 20, 100, 200}. Sizes are configurable because small images (the 64 px demo set) need e.g. 64/64.
 
 CLI: ``dino-fast-knn --checkpoint RUN_OR_CHECKPOINT --train DIR --val DIR`` (or ``--weights FILE``: any layout of
-``dino_fast/weights.py``).
+``dino_fast/eval/weights.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dino_fast.checkpoint import CheckpointError
-from dino_fast.export import read_checkpoint, split_state_dict
-from dino_fast.models import build_backbone
-from dino_fast.weights import add_source_args, load_source
+from dino_fast.eval.weights import add_source_args, load_source
 from pipelines.folder import DataError, ImageList, list_images
 from pipelines.progress import Progress
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
@@ -269,19 +267,31 @@ def evaluate_knn(backbone: nn.Module, train_dir: str | Path | ImageList, val_dir
     return results
 
 
-def load_backbone_from_checkpoint(ckpt_dir: str | Path, which: str = "teacher") -> nn.Module:
-    """The ``teacher`` (or ``student``) backbone of a dino_fast checkpoint (a checkpoint folder, a run folder →
-    its latest checkpoint), built from the run config saved with it; returned on the CPU in eval mode."""
-    ckpt = read_checkpoint(ckpt_dir, which)
-    backbone_sd, _ = split_state_dict(ckpt.state_dict)
-    m = ckpt.config.model
-    backbone = build_backbone(m.arch, ckpt.config.data.global_crop_size, 0.0, m.patch_size, m.depth)
+def check_knn_split(cfg) -> None:
+    """Raise DataError (what to add, or which keys turn the k-NN off) when the held-out split is missing."""
+    from pipelines.build import resolve_data_path
+
     try:
-        backbone.load_state_dict(backbone_sd, strict=True)
-    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches
-        raise CheckpointError(f"{which} weights in '{ckpt.path}' do not match model.arch={m.arch} from its config: "
-                              f"{str(exc).splitlines()[0]} ...") from None
-    return backbone.eval()
+        resolve_data_path(cfg.data, "val")
+    except DataError as exc:
+        raise DataError(f"{exc}. The k-NN evaluation (eval.knn_at_start, eval.knn_at_end, eval.knn_every_epochs) "
+                        "needs those labelled held-out images: add them, or turn it off with eval.knn_at_start=false "
+                        "eval.knn_at_end=false eval.knn_every_epochs=0") from None
+
+
+def periodic_knn(cfg, teacher: torch.nn.Module, device: torch.device, rank: int, world: int) -> dict:
+    """Weighted k-NN accuracy of the teacher backbone on the held-out split (every rank takes part)."""
+    from pipelines.build import resolve_data_path
+
+    size = cfg.data.global_crop_size
+    results = evaluate_knn(
+        teacher.backbone, resolve_data_path(cfg.data, "train"), resolve_data_path(cfg.data, "val"),
+        k_list=(cfg.eval.knn_k,), temperature=cfg.eval.knn_temperature, resize=round(size * 256 / 224), crop=size,
+        batch_size=2 * cfg.data.batch_size_per_gpu, num_workers=cfg.data.num_workers, device=device,
+        train_subset=cfg.eval.knn_train_subset, val_subset=cfg.eval.knn_val_subset, rank=rank, world_size=world,
+        progress=False)
+    top1, top5 = results[cfg.eval.knn_k]
+    return {"knn_top1": top1, "knn_top5": top5}
 
 
 def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
