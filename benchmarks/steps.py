@@ -12,6 +12,7 @@ clipping, the optimizer step and the teacher EMA. Providers:
 - ``ours-packed``: ``model.packed_crops=true``, one student backbone pass over every crop;
 - ``ours-packed-graph``: packed crops in the whole-step graph;
 - ``ours-best``: compiled + packed + whole-step graph;
+- ``ours-ckpt``: ``model.grad_checkpointing=true``, the student's blocks recomputed in the backward (less memory);
 - ``reference``: the reference step written from DINO_SPEC in plain PyTorch as the reference does it: the eager
   2·(ncrops−1)-pair loss, fp16 autocast + GradScaler (GPU), per-parameter clipping with one host sync per parameter,
   the per-parameter EMA loop, torch AdamW with default settings.
@@ -44,6 +45,7 @@ OURS_PROVIDERS: dict[str, tuple[str, ...]] = {
     "ours-packed": ("model.packed_crops=true",),  # one student backbone pass over all crops
     "ours-packed-graph": ("model.packed_crops=true", "train.cuda_graph=true"),
     "ours-best": ("model.compile=true", "model.packed_crops=true", "train.cuda_graph=true"),
+    "ours-ckpt": ("model.grad_checkpointing=true",),  # activation checkpointing: the memory rows
 }
 
 

@@ -36,8 +36,11 @@ class ModelConfig:
     head_nlayers: int = 3
     compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
     compile_mode: str = "default"  # with compile: default | reduce-overhead (+ CUDA graphs) | max-autotune | ...
-    pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (dino_fast/eval/weights.py)
+    pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (eval/weights.py)
     packed_crops: bool = False  # student: one backbone pass over all crops (per-token layers once, attention per size)
+    # student: recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3
+    # more compute); the teacher runs without gradients and needs none
+    grad_checkpointing: bool = False
 
 
 _REFERENCE_CROPS = MultiCropSpec()  # the crop defaults are the reference augmentation's (pipelines/spec.py)
@@ -114,6 +117,8 @@ class DeepSpeedConfig:
     zero_stage: int = 0  # 0, 1 or 2 (3 is refused: the teacher EMA needs whole student parameters)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     steps_per_print: int = 1_000_000  # DeepSpeed's own logging; our progress display covers it
+    # none | cpu: DeepSpeed keeps the optimizer's fp32 state and step on the CPU (ZeRO ≥ 1; docs/memory.md)
+    offload_optimizer: str = "none"
 
 
 @dataclass
@@ -167,6 +172,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dino.ema_impl": ("auto", "foreach", "triton"),
     "dino.centering": ("centering", "sinkhorn_knopp"),
     "deepspeed.precision": ("auto", "bf16", "fp32"),
+    "deepspeed.offload_optimizer": ("none", "cpu"),
     "logging.progress": ("auto", "rich", "plain", "none"),
 }
 
@@ -335,6 +341,8 @@ def validate(cfg: Config) -> None:
          "data.jitter_p, data.gray_p and data.solarize_p are probabilities: each must lie in [0, 1]"),
         (min(cfg.data.jitter) >= 0 and cfg.data.jitter[3] <= 0.5,
          "data.jitter is [brightness, contrast, saturation, hue] strengths: each ≥ 0, hue ≤ 0.5"),
+        (cfg.deepspeed.offload_optimizer == "none" or cfg.deepspeed.zero_stage >= 1,
+         "deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage=1 or 2 (DeepSpeed offloads ZeRO's partitions)"),
         (not (cfg.train.cuda_graph and cfg.deepspeed.zero_stage != 0),
          "train.cuda_graph=true needs deepspeed.zero_stage=0 (ZeRO's gradient buckets cannot be captured); set "
          "model.compile=true model.compile_mode=reduce-overhead instead (CUDA graphs of the backbones only)"),

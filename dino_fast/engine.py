@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dino_fast.config import Config, ConfigError, with_step_budget
-from dino_fast.dist import control_group
+from dino_fast.dist import SlurmEnvironmentError, control_group, local_device_index, slurm_environment
 from dino_fast.eval.weights import init_from_pretrained
 from dino_fast.loss import DINOLoss
 from dino_fast.models import build_student_teacher
@@ -73,12 +73,20 @@ def shm_op_is_built(extensions_dir: str | None = None) -> bool:
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed with the accelerator's backend; (rank, world, local_rank).
 
-    Without a launcher the env variables of a one-process group are filled in, so the same code path runs.
+    The rank comes from the launcher's variables (``RANK``, ...), else from SLURM's (a task started by ``srun``,
+    :func:`dino_fast.dist.slurm_environment`); without either, those of a one-process group are filled in, so the
+    same code path runs.
     """
     _quiet_cpu_startup()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    try:
+        slurm = slurm_environment(os.environ)  # srun python -m dino_fast.train: one task per GPU, no launcher
+    except SlurmEnvironmentError as exc:
+        raise ConfigError(str(exc)) from None
+    if slurm is not None:
+        os.environ.update(slurm)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -127,6 +135,14 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     }
     if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if cfg.deepspeed.offload_optimizer != "none":
+        # DeepSpeed's own offload: ZeRO keeps the fp32 partitions and their optimizer state in pinned host memory
+        # and runs the optimizer step there. It refuses a client optimizer unless told: our torch AdamW (fused, with
+        # a CPU kernel) runs the step on those host partitions, keeping the reference's param groups and the
+        # trainer's per-parameter clipping, instead of DeepSpeed's CPU Adam (a compiled extension, another update
+        # rule for the groups' weight decay).
+        ds["zero_optimization"]["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer, "pin_memory": True}
+        ds["zero_force_ds_cpu_optimizer"] = False
     return ds
 
 
@@ -224,7 +240,12 @@ def build_run(cfg: Config, *, before_loader=None) -> Run:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
+    device = torch.device("cpu")
+    if acc.device_name() != "cpu":
+        try:
+            device = torch.device(acc.device_name(local_device_index(local_rank, acc.device_count())))
+        except SlurmEnvironmentError as exc:
+            raise ConfigError(str(exc)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg, device)

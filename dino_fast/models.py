@@ -123,6 +123,8 @@ def build_student_teacher(model_cfg, img_size: int) -> tuple[MultiCropWrapper, M
 
     # The teacher sees the two global crops only (one resolution): nothing to pack.
     student = build(model_cfg.drop_path_rate, model_cfg.norm_last_layer, getattr(model_cfg, "packed_crops", False))
+    if getattr(model_cfg, "grad_checkpointing", False):  # timm's flag; the packed pass reads it too
+        student.backbone.set_grad_checkpointing(True)
     teacher = build(0.0, True, False)
     teacher.load_state_dict(student.state_dict())
     teacher.float()

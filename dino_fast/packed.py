@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def check_packable(vit: nn.Module) -> None:
@@ -89,8 +90,12 @@ def packed_features(vit: VisionTransformer, groups: list[torch.Tensor]) -> torch
         offsets = [sum(n for n, _ in shapes[:i]) for i in range(len(shapes))]
         token_sample = torch.cat([torch.arange(o, o + n, device=x.device).repeat_interleave(t)
                                   for o, (n, t) in zip(offsets, shapes)])
+    checkpointed = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
     for blk in vit.blocks:
-        x = _block(blk, x, shapes, token_sample, samples)
+        if checkpointed:  # model.grad_checkpointing: recompute the block in the backward (drop-path draws replayed)
+            x = checkpoint(_block, blk, x, shapes, token_sample, samples, use_reentrant=False)
+        else:
+            x = _block(blk, x, shapes, token_sample, samples)
     starts = [sum(n * t for n, t in shapes[:i]) for i in range(len(shapes))]
     cls = torch.cat([x[s:s + n * t].view(n, t, dim)[:, 0] for s, (n, t) in zip(starts, shapes)])
     return vit.head(vit.head_drop(vit.fc_norm(vit.norm(cls))))
