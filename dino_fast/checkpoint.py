@@ -22,6 +22,7 @@ checkpoint written with another model shape or another global batch is refused w
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -130,6 +131,38 @@ class CheckpointError(ValueError):
     the one-line message says why and what to do. The one error every CLI turns into ``error: ...`` and exit 2."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (the disk is full, a quota is exceeded); its partial files are removed, the
+    previous checkpoint and ``latest`` are intact. The trainer exits with code 6."""
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# What torch's zip writer raises when a write fails mid-file (it reports no errno): "file write failed", and
+# "unexpected pos" / "basic_ios::clear" when it checks the position after a short write.
+_DISK_FULL_TEXT = ("file write failed", "unexpected pos", "basic_ios::clear", "no space left", "quota exceeded")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder and folder.is_dir() else 0
+
+
+def _state_bytes(*modules: torch.nn.Module) -> int:
+    """A checkpoint's size when none was written yet: the tensors of the modules, and AdamW's two moments of the
+    student's (roughly: DeepSpeed adds a copy of the weights with the optimizer state)."""
+    sizes = [sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in modules]
+    return sizes[0] * 3 + sum(sizes[1:])
+
+
 def unreadable_file(folder: Path) -> str | None:
     """The first problem with checkpoint ``folder`` ("teacher.pt: truncated ..."), or None when every file reads
     back whole: each ``.pt`` (a zip archive, torch's format) is checked member by member against its CRC."""
@@ -199,15 +232,52 @@ class Checkpointer:
         """Write a checkpoint on every rank (collective: all ranks must call it)."""
         tag = f"step_{pos.global_step:08d}"
         tmp_root = self.root / ".tmp"
+        tmp = tmp_root / tag
         me = rank()
         if me == 0:
-            shutil.rmtree(tmp_root / tag, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp_root.mkdir(parents=True, exist_ok=True)
         barrier()
-        engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"global_step": pos.global_step},
+        final = self.root / tag
+        try:
+            self._write(tmp, engine, teacher, dino_loss, pos, cfg, steps_per_epoch)
+            barrier()
+            if me == 0:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync(self.root)
+                _atomic_write_text(self.root / "latest", tag + "\n")
+        except (OSError, RuntimeError) as exc:  # partial files go; the previous checkpoint stays the newest
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_disk_full(exc):
+                raise
+            if me == 0 and final.exists() and self.latest() != final:
+                shutil.rmtree(final, ignore_errors=True)  # whole, but ``latest`` could not be moved to it
+            raise self._disk_full(tag, engine, teacher) from None
+        if me == 0:
+            self._prune()
+        barrier()
+        return final
+
+    def _disk_full(self, tag: str, engine, teacher: torch.nn.Module) -> CheckpointWriteError:
+        latest = self.latest()
+        need = _folder_bytes(latest) or _state_bytes(engine.module, teacher)
+        free = shutil.disk_usage(self.root).free
+        resume = f"it resumes from {latest} (intact)" if latest else "no checkpoint was written yet"
+        return CheckpointWriteError(
+            f"cannot write checkpoint {tag} to {self.root}: the disk is full or over its quota (a checkpoint takes "
+            f"~{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); free space there or set checkpoint.output_dir "
+            f"on a larger disk, then rerun the same command: {resume}")
+
+    @staticmethod
+    def _write(tmp: Path, engine, teacher: torch.nn.Module, dino_loss: torch.nn.Module, pos: TrainPosition,
+               cfg: Config, steps_per_epoch: int | None) -> None:
+        """Every file of one checkpoint into ``tmp`` (this rank's share), flushed to the disk."""
+        me = rank()
+        engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"global_step": pos.global_step},
                                save_latest=False)
         dino_loss.apply_center_update()
-        tmp = tmp_root / tag
         fingerprint = teacher_fingerprint(teacher, dino_loss.center)
         torch.save({"rng": _rng_state(), "fingerprint": fingerprint.cpu(),  # + this rank's Sinkhorn-Knopp queue
                     **{k: v.detach().cpu() for k, v in dino_loss.rank_state().items()}}, tmp / f"rank{me}_state.pt")
@@ -220,17 +290,6 @@ class Checkpointer:
             save_config(cfg, tmp / "config.yaml")
         barrier()
         _fsync_tree(tmp)  # every rank: on a shared filesystem each flushes what it wrote
-        barrier()
-        final = self.root / tag
-        if me == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync(self.root)
-            _atomic_write_text(self.root / "latest", tag + "\n")
-            self._prune()
-        barrier()
-        return final
 
     def tags(self) -> list[Path]:
         """Complete checkpoint folders, oldest first (``.corrupt`` ones and ``.tmp`` excluded)."""

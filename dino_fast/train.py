@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from dino_fast import errors
+from dino_fast import dist, errors
 from dino_fast.checkpoint import Checkpointer, TrainPosition, check_resumable, state_is_finite
 from dino_fast.config import Config, load_config, save_config
 from dino_fast.dist import any_rank
@@ -144,7 +144,12 @@ def train(cfg: Config) -> dict:
                 values = run.schedules.at(epoch * run.steps_per_epoch + pos.step_in_epoch, epoch)
                 # ---- the step: queued on the device, nothing here waits for it
                 crops = [c.to(run.device, non_blocking=True) for c in batch.crops]
-                step_metrics = run.step(crops, values)
+                try:
+                    step_metrics = run.step(crops, values)
+                except RuntimeError as exc:  # torch.OutOfMemoryError: one line naming the levers, not a traceback
+                    if not errors.is_out_of_memory(exc):
+                        raise
+                    raise errors.out_of_memory(exc, store.latest(), pos.global_step + 1) from exc
                 pos.step_in_epoch, pos.global_step = pos.step_in_epoch + 1, pos.global_step + 1
                 end_of_epoch = pos.step_in_epoch == run.steps_per_epoch
                 if end_of_epoch:
@@ -207,18 +212,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    started, out_dir = time.time(), None
     try:
-        train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        out_dir = cfg.checkpoint.output_dir
+        train(cfg)
         if torch.distributed.is_initialized():  # a clean exit for NCCL/gloo (the process ends here anyway)
             torch.distributed.destroy_process_group()
     except KeyboardInterrupt:
         print(errors.INTERRUPTED_MESSAGE, file=sys.stderr)
         sys.exit(errors.INTERRUPTED)
     except Exception as exc:
-        code = errors.exit_code(exc)
-        if code is None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
+        code, message = errors.exit_code(exc), str(exc)
+        if code is None:  # not one of ours: another rank's failure seen here as a broken collective, or a bug
+            peer = errors.peer_failure(out_dir, dist.rank(), dist.world_size(), started)
+            if peer is None:
+                raise
+            code, message = peer
+        else:
+            errors.report(exc, code, out_dir, dist.rank(), dist.world_size())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(code)
 
 
