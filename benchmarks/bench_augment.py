@@ -1,4 +1,4 @@
-"""Throughput of the batched per-sample photometric augmentation (``pipelines.gpu_augment``) on its device.
+"""Throughput of the batched per-sample photometric augmentation (``pipelines.ffcv.augment``) on its device.
 
 Input: uint8 crops as the FFCV decode op hands them over (``[B, 2, 224, 224, 3]`` + ``[B, N, 96, 96, 3]``, already
 on the device, so this is the augmentation alone); output: the normalised float crops of the batch contract.
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import Record, pick_device, print_table, speedup, time_fn
-from pipelines.gpu_augment import PhotometricAugment
+from pipelines.ffcv.augment import PhotometricAugment
 from pipelines.spec import MultiCropSpec
 
 NAME = "photometric augmentation"

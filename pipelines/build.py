@@ -42,7 +42,7 @@ def build_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0,
     if backend not in ("torch", "dali", "ffcv"):
         raise DataError(f"data.backend='{backend}' is not one of torch, dali, ffcv")
     if backend == "ffcv":
-        from pipelines.ffcv import FFCVMultiCropLoader as Backend
+        from pipelines.ffcv.loader import FFCVMultiCropLoader as Backend
 
         source = data_cfg.ffcv_path
     else:

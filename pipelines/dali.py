@@ -7,7 +7,7 @@ p=0.8 → grayscale p=0.2 → Gaussian blur (p 1.0 / 0.1 / 0.5, sigma ~ U(0.1, 2
 covers ±3 sigma) → solarize p=0.2 on G2 (a lookup table inverting values ≥ 128) → flip p=0.5, mean/std
 normalisation and HWC→CHW float in one ``fn.crop_mirror_normalize``. Per-sample probabilities are DALI
 conditionals (``if`` on ``fn.random.coin_flip``), so a skipped op costs nothing. Output order, shapes, dtypes and
-normalisation follow the batch contract of ``pipelines.spec``; on a GPU the crops never leave it.
+normalisation follow the batch contract of ``pipelines.loader``; on a GPU the crops never leave it.
 
 Where it differs from the reference (torchvision on PIL, ``pipelines.torch_loader``):
 

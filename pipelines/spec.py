@@ -13,8 +13,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".
 # The luma of grayscale (and of contrast and saturation, which blend with it). The reference converts PIL images,
 # whose "L" mode is R·299/1000 + G·587/1000 + B·114/1000 (ITU-R 601); DALI's GRAY conversion uses it too.
 LUMA = (0.299, 0.587, 0.114)
-# torchvision's tensor ops round the red weight to 0.2989. The batched photometric ops (pipelines.photometric) are
-# checked against those tensor ops to within 1e-6 (tests/test_gpu_augment.py), so they use this rounding.
+# torchvision's tensor ops round the red weight to 0.2989. The batched photometric ops (pipelines.ffcv.photometric)
+# are checked against those tensor ops to within 1e-6 (tests/test_gpu_augment.py), so they use this rounding.
 LUMA_TORCHVISION = (0.2989, 0.587, 0.114)
 
 

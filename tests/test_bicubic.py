@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.bicubic import bicubic_weights, resize_crop, transpose_image
+from pipelines.ffcv.bicubic import bicubic_weights, resize_crop, transpose_image
 
 
 def _pil_two_pass(img: np.ndarray, top: int, left: int, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:

@@ -35,14 +35,14 @@ PROBE = r"""
 import json, sys, threading
 import numpy as np, torch
 from ffcv.loader.epoch_iterator import EpochIterator
-from pipelines import ffcv_ops
-from pipelines.ffcv import FFCVMultiCropLoader
+from pipelines.ffcv import decoder
+from pipelines.ffcv.loader import FFCVMultiCropLoader
 from pipelines.spec import MultiCropSpec
 
 beton, raw_beton, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 calls = {"decode": 0, "resize": []}
-if ffcv_ops.numba.config.DISABLE_JIT:  # wrap the decoder and the resize as the op calls them, to count and record
-    real_decode, real_resize = ffcv_ops.IMDECODE, ffcv_ops.resize_crop
+if decoder.numba.config.DISABLE_JIT:  # wrap the decoder and the resize as the op calls them, to count and record
+    real_decode, real_resize = decoder.IMDECODE, decoder.resize_crop
     def counting_decode(*args):
         calls["decode"] += 1
         return real_decode(*args)
@@ -50,7 +50,7 @@ if ffcv_ops.numba.config.DISABLE_JIT:  # wrap the decoder and the resize as the 
         calls["resize"].append([int(v) for v in (columns.shape[1] // 3, columns.shape[0], top, top + h, left,
                                                  left + w, crop.shape[0], crop.shape[1])])
         return real_resize(columns, top, left, h, w, crop, flip)
-    ffcv_ops.IMDECODE, ffcv_ops.resize_crop = counting_decode, recording_resize
+    decoder.IMDECODE, decoder.resize_crop = counting_decode, recording_resize
 
 def build(spec, path=beton):
     return FFCVMultiCropLoader(path, spec, 4, workers, rank=0, world_size=1, seed=3, device=torch.device("cpu"))
@@ -64,7 +64,7 @@ def epoch_rows(loader, epoch, start=0):
 spec = MultiCropSpec(global_size=32, local_size=16, n_local=3)
 loader = build(spec)
 rows, labels = epoch_rows(loader, 1)
-res = {"jit": not ffcv_ops.numba.config.DISABLE_JIT, "steps": len(loader), "decodes": calls["decode"],
+res = {"jit": not decoder.numba.config.DISABLE_JIT, "steps": len(loader), "decodes": calls["decode"],
        "resizes": list(calls["resize"])}
 resumed, _ = epoch_rows(loader, 1, start=2)
 res["resume_equal"] = bool(np.array_equal(resumed, rows[2:]))
@@ -202,7 +202,7 @@ def test_jit_on_equals_jit_off_and_batches(probes):
 
 
 def test_clear_errors(beton, tmp_path):
-    from pipelines.ffcv import FFCVMultiCropLoader
+    from pipelines.ffcv.loader import FFCVMultiCropLoader
 
     def build(path: str, batch: int = 4):
         return FFCVMultiCropLoader(path, SPEC, batch, rank=0, world_size=1, seed=0, device=torch.device("cpu"))

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipelines import gpu_augment as ga
-from pipelines.photometric import jitter
-from pipelines.photometric.blur import blur_radius, gaussian_blur
-from pipelines.photometric.chain import apply_photometric
-from pipelines.photometric.grayscale import rgb_to_grayscale
-from pipelines.photometric.params import PhotometricParams, draw_params
-from pipelines.photometric.solarize import normalize, solarize
+from pipelines.ffcv import augment
+from pipelines.ffcv.photometric import jitter
+from pipelines.ffcv.photometric.blur import blur_radius, gaussian_blur
+from pipelines.ffcv.photometric.chain import apply_photometric
+from pipelines.ffcv.photometric.grayscale import rgb_to_grayscale
+from pipelines.ffcv.photometric.params import PhotometricParams, draw_params
+from pipelines.ffcv.photometric.solarize import normalize, solarize
 from pipelines.spec import MultiCropSpec
 
 
@@ -96,8 +96,8 @@ def test_numba_kernel_equals_torch_ops(size):
     # a strided view, as the loader passes (crops of one type inside FFCV's packed rows)
     u8 = torch.randint(0, 256, (7, 4, size, size, 3), dtype=torch.uint8, generator=g)[:, 1:]
     p = _params(21, seed=5, spec=spec)
-    aug_np = ga.PhotometricAugment(spec, "cpu", seed=0, impl="numba")
-    aug_t = ga.PhotometricAugment(spec, "cpu", seed=0, impl="torch")
+    aug_np = augment.PhotometricAugment(spec, "cpu", seed=0, impl="numba")
+    aug_t = augment.PhotometricAugment(spec, "cpu", seed=0, impl="torch")
     assert aug_np.impl == "numba"
     ours, ref = aug_np.apply(u8, p), aug_t.apply(u8, p)
     assert ours.shape == (3, 7, 3, size, size) and ours.dtype == torch.float32
@@ -112,7 +112,7 @@ def _within(rate: float, p: float, n: int) -> bool:
 
 def test_drawn_rates_and_ranges_match_the_spec():
     spec = MultiCropSpec()
-    aug = ga.PhotometricAugment(spec, "cpu", seed=7, impl="torch")
+    aug = augment.PhotometricAugment(spec, "cpu", seed=7, impl="torch")
     b = 4000
     aug.reseed(0, 0)
     glob, loc = aug.params(b)
@@ -141,7 +141,7 @@ def test_grayscale_rate_on_pixels_and_reseeding():
     g = torch.Generator().manual_seed(0)
     glob = torch.randint(0, 256, (100, 3, 24, 24, 3), dtype=torch.uint8, generator=g)[:, :2]
     loc = torch.randint(0, 256, (100, 7, 12, 12, 3), dtype=torch.uint8, generator=g)[:, 1:]
-    aug = ga.PhotometricAugment(spec, "cpu", seed=1, impl="numba")
+    aug = augment.PhotometricAugment(spec, "cpu", seed=1, impl="numba")
     crops = aug(glob, loc, epoch=2, step=5)
     assert len(crops) == 8 and [c.shape[-1] for c in crops] == [24, 24] + [12] * 6
     mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -154,12 +154,12 @@ def test_grayscale_rate_on_pixels_and_reseeding():
 
 
 def test_impl_choice(monkeypatch):
-    assert ga.resolve_impl(torch.device("cpu")) in ("numba", "torch")
-    assert ga.resolve_impl(torch.device("cuda")) == "torch"
+    assert augment.resolve_impl(torch.device("cpu")) in ("numba", "torch")
+    assert augment.resolve_impl(torch.device("cuda")) == "torch"
     monkeypatch.setenv("DINO_FAST_AUGMENT", "fast")
     with pytest.raises(ValueError, match="DINO_FAST_AUGMENT"):
-        ga.resolve_impl(torch.device("cpu"))
+        augment.resolve_impl(torch.device("cpu"))
     monkeypatch.setenv("DINO_FAST_AUGMENT", "numba")
     with pytest.raises(ValueError, match="CPU only"):
-        ga.resolve_impl(torch.device("cuda"))
-    np.testing.assert_equal(ga.resolve_impl(torch.device("cpu")), "numba")
+        augment.resolve_impl(torch.device("cuda"))
+    np.testing.assert_equal(augment.resolve_impl(torch.device("cpu")), "numba")

@@ -120,7 +120,7 @@ else
   if [ "$REHEARSAL" = 1 ]; then
     IMAGES=48 WORKERS=2 RES=64 ROUNDS=1 BATCH=8 DATA_SHAPE=(--configs 2x32+2x16 --image-size 96x64 --warmup 1)
   fi
-  step ffcv-import 60 $PY -c "import ffcv, ffcv.libffcv, pipelines.ffcv_ops, sys; \
+  step ffcv-import 60 $PY -c "import ffcv, ffcv.libffcv, pipelines.ffcv.decoder, sys; \
 print('ffcv', ffcv.__file__, ffcv.libffcv.lib._name, 'python', sys.version.split()[0])"
   # Loader throughput: the torch/PIL baseline on the JPEGs, FFCV on them stored at longest side 256/384/512
   # (target: ≥ 3,000 img/s, so it never starves a 2,500 img/s step).

@@ -12,11 +12,11 @@ import numba
 import numpy as np
 import torch
 
-from pipelines.photometric.blur import blur_cpu, gaussian_blur
-from pipelines.photometric.grayscale import grayscale_cpu, rgb_to_grayscale
-from pipelines.photometric.jitter import JITTER_OPS, jitter_cpu
-from pipelines.photometric.params import PhotometricParams
-from pipelines.photometric.solarize import normalize, solarize, solarize_normalize_cpu
+from pipelines.ffcv.photometric.blur import blur_cpu, gaussian_blur
+from pipelines.ffcv.photometric.grayscale import grayscale_cpu, rgb_to_grayscale
+from pipelines.ffcv.photometric.jitter import JITTER_OPS, jitter_cpu
+from pipelines.ffcv.photometric.params import PhotometricParams
+from pipelines.ffcv.photometric.solarize import normalize, solarize, solarize_normalize_cpu
 from pipelines.spec import MultiCropSpec
 
 

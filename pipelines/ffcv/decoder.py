@@ -3,7 +3,7 @@
 FFCV's ``RandomResizedCropRGBImageDecoder`` decodes the JPEG once per pipeline, so 2 + N crop pipelines decode it
 2 + N times. This Operation decodes each image **once** (``ffcv.libffcv.imdecode``, libjpeg-turbo), transposes it
 once, and cuts every crop from it with the reference's interpolation: PIL's bicubic resize with its antialiasing
-support, bit-exact (``pipelines.bicubic``: numba, vectorised), with the flip (p = ``spec.flip_p``) folded into the
+support, bit-exact (``pipelines.ffcv.bicubic``: numba, vectorised), with the flip (p = ``spec.flip_p``) folded into the
 resize. (FFCV's own compiled resize is OpenCV ``INTER_AREA``, whose crops are less sharp than the reference's.)
 
 Output layout: FFCV gives one output per pipeline, so all crops of one image are packed into one flat uint8 row of
@@ -17,7 +17,7 @@ or without numba JIT, on any number of threads or ranks, and when a run resumes 
 compiled code through a small numpy array read by address each batch (numba freezes captured arrays as compile-time
 constants).
 
-The photometric chain that follows (colour jitter, grayscale, blur, solarize) is ``pipelines.photometric``.
+The photometric chain that follows (colour jitter, grayscale, blur, solarize) is ``pipelines.ffcv.photometric``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba.core import types
 
-from pipelines.bicubic import resize_crop, transpose_image
+from pipelines.ffcv.bicubic import resize_crop, transpose_image
 from pipelines.loader import sample_seed
 from pipelines.spec import MultiCropSpec
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from pipelines.photometric.blur import blur_radius
+from pipelines.ffcv.photometric.blur import blur_radius
 from pipelines.spec import MultiCropSpec
 
 

@@ -3,14 +3,14 @@
 The reference chain after each crop (DINO_SPEC "Multi-crop augmentation"): colour jitter (brightness 0.4, contrast
 0.4, saturation 0.2, hue 0.1, the four in a random order per sample, p = 0.8) → grayscale (p = 0.2) → Gaussian
 blur (p per crop type, sigma ~ U(0.1, 2)) → solarize (p = 0.2 on G2) → normalise. The flip is done by the FFCV
-decode op (``pipelines.ffcv_ops``), which also cuts the crops. The ops, each with its torch and its numba
-implementation, are in ``pipelines.photometric``.
+decode op (``pipelines.ffcv.decoder``), which also cuts the crops. The ops, each with its torch and its numba
+implementation, are in ``pipelines.ffcv.photometric``.
 
 :class:`PhotometricAugment` draws the parameters with the spec's probabilities from a ``torch.Generator`` on the
 batch's device, re-seeded per batch from (seed, rank, epoch, step) so a resumed run repeats the same draws, and
-applies them: on CUDA with the batched torch ops, on CPU with the fused numba kernel (``pipelines.photometric.chain``:
-batched torch ops make several memory-bound passes over the whole batch, the kernel one pass per crop while it is in
-cache). ``DINO_FAST_AUGMENT=torch|numba`` forces a path.
+applies them: on CUDA with the batched torch ops, on CPU with the fused numba kernel
+(``pipelines.ffcv.photometric.chain``: batched torch ops make several memory-bound passes over the whole batch, the
+kernel one pass per crop while it is in cache). ``DINO_FAST_AUGMENT=torch|numba`` forces a path.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import os
 import numpy as np
 import torch
 
+from pipelines.ffcv.photometric.chain import apply_photometric, photometric_cpu
+from pipelines.ffcv.photometric.params import PhotometricParams, draw_params
 from pipelines.loader import derive_seed
-from pipelines.photometric.chain import apply_photometric, photometric_cpu
-from pipelines.photometric.params import PhotometricParams, draw_params
 from pipelines.spec import MultiCropSpec
 
 

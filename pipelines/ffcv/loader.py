@@ -1,10 +1,10 @@
 """``data.backend=ffcv``: multi-crop batches from a ``.beton`` written by ``dino-fast-convert``.
 
-Per batch: FFCV's loader thread runs :class:`pipelines.ffcv_ops.MultiCropDecoder` (numba, ``data.num_workers``
+Per batch: FFCV's loader thread runs :class:`pipelines.ffcv.decoder.MultiCropDecoder` (numba, ``data.num_workers``
 threads): each image is decoded once and all 2 + N crops are cut and flipped from it into one packed uint8 row.
-The loader then unpacks the rows and applies the photometric chain of ``pipelines.gpu_augment`` with per-sample
+The loader then unpacks the rows and applies the photometric chain of ``pipelines.ffcv.augment`` with per-sample
 parameters on ``device`` (torch ops on CUDA, the fused numba kernel on CPU), yielding the batch contract of
-``pipelines.spec``.
+``pipelines.loader``.
 
 Sharding: FFCV's ``distributed=True`` needs an initialised torch.distributed and shuffles with its own sampler;
 instead every rank reads the loader contract's epoch order (``pipelines.loader.epoch_indices``: one permutation per
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from ffcv.traversal_order.base import TraversalOrder
 
+from pipelines.ffcv.augment import PhotometricAugment
 from pipelines.folder import DataError
-from pipelines.gpu_augment import PhotometricAugment
 from pipelines.loader import MultiCropBatch, MultiCropLoader
 from pipelines.spec import MultiCropSpec
 
@@ -124,7 +124,7 @@ class FFCVMultiCropLoader(MultiCropLoader):
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
 
-        from pipelines.ffcv_ops import MultiCropDecoder, unpack
+        from pipelines.ffcv.decoder import MultiCropDecoder, unpack
 
         self._unpack = unpack
         reader = open_beton(path)

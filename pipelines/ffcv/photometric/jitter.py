@@ -1,5 +1,5 @@
 """Colour jitter (p = ``spec.jitter_p``): brightness, contrast, saturation and hue, applied in a random order per
-sample as torchvision's ColorJitter (the order and the factors are drawn by ``pipelines.photometric.params``).
+sample as torchvision's ColorJitter (the order and the factors are drawn by ``pipelines.ffcv.photometric.params``).
 
 Every op clamps to [0, 1] as torchvision's float ops do. The pixel values stay float between ops, where the PIL
 reference rounds to uint8 after each.
@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import torch
 
-from pipelines.photometric.grayscale import grayscale, luma_cpu
+from pipelines.ffcv.photometric.grayscale import grayscale, luma_cpu
 
 _F0, _F1, _F2, _F4, _F6 = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(4.0), np.float32(6.0)
 

@@ -7,5 +7,5 @@ implementations side by side:
 
 ``jitter`` (brightness, contrast, saturation, hue), ``grayscale``, ``blur``, ``solarize`` (with the final
 normalisation); ``params`` draws the per-sample parameters; ``chain`` runs the whole chain with either
-implementation; ``pipelines.gpu_augment`` chooses the implementation and seeds the draws of every batch.
+implementation; ``pipelines.ffcv.augment`` chooses the implementation and seeds the draws of every batch.
 """
