@@ -1,23 +1,32 @@
-"""Export a trained backbone to a ``.safetensors`` file that plain timm loads, and read dino_fast checkpoints.
+"""Export a trained backbone for timm, Hugging Face ``transformers`` or ONNX, and read dino_fast checkpoints.
 
-The exported file holds the timm ``VisionTransformer`` state dict (``cls_token``, ``pos_embed``, ``patch_embed.*``,
-``blocks.*``, ``norm.*``; no classifier) and, in its metadata, the arch and the timm kwargs the model was built
-with (``img_size`` = the global crop size, so ``pos_embed`` keeps its trained grid, ``dynamic_img_size``, and any
-``patch_size``/``depth`` override). It loads with no missing or unexpected keys through::
+``dino-fast-export --checkpoint RUN --out OUT [--format timm|transformers|onnx] [--which student] [--head]``:
+
+- ``timm`` (default): a ``.safetensors`` file with the timm ``VisionTransformer`` state dict (``cls_token``,
+  ``pos_embed``, ``patch_embed.*``, ``blocks.*``, ``norm.*``; no classifier) and, in its metadata, the arch and
+  the timm kwargs the model was built with (``img_size`` = the global crop size, so ``pos_embed`` keeps its trained
+  grid, ``dynamic_img_size``, and any ``patch_size``/``depth`` override). ``--head`` also writes the DINO head.
+  Loads strictly (no missing or unexpected keys) with::
 
     timm.create_model(arch, pretrained=True, num_classes=0, **timm_kwargs,
                       pretrained_cfg_overlay=dict(file=PATH, custom_load=False, num_classes=0, ...))
 
-(timm reads a ``file`` overlay with safetensors when the name ends in ``.safetensors`` and loads it strictly).
-The ``...`` also sets DINO's eval preprocessing (ImageNet mean/std, bicubic, crop_pct 0.875) so that
-``timm.data.resolve_data_config(model=m)`` gives the k-NN transform. ``dino-fast-export`` prints the exact call.
+  (timm reads a ``file`` overlay with safetensors when the name ends in ``.safetensors``). The ``...`` also sets
+  DINO's eval preprocessing (ImageNet mean/std, bicubic, crop_pct 0.875) so that
+  ``timm.data.resolve_data_config(model=m)`` gives the k-NN transform. The CLI prints the exact call.
+- ``transformers``: a new folder with ``config.json`` + ``model.safetensors`` (:mod:`dino_fast.eval.hf_export`);
+  ``ViTModel.from_pretrained(DIR, add_pooling_layer=False)``, feature = ``last_hidden_state[:, 0]``.
+- ``onnx``: one ``.onnx`` file (:mod:`dino_fast.eval.onnx_export`), ``pixel_values`` [batch, 3, S, S] →
+  ``features`` [batch, D], S = the global crop size; ``onnxruntime.InferenceSession(FILE)``.
 
-CLI: ``dino-fast-export --checkpoint RUN_OR_CHECKPOINT --out vit.safetensors [--which student] [--head]``.
+The last two need the ``export`` extra (``pip install -e ".[export]"``); they are imported only when asked for, and
+each export is reloaded with its library and compared with the backbone before the command reports success.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import dataclass
@@ -34,10 +43,14 @@ from torch import nn
 from dino_fast import __version__
 from dino_fast.checkpoint import CheckpointError
 from dino_fast.config import Config, ConfigError, from_dict
+from dino_fast.eval import hf_export, onnx_export
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
 EVAL_CROP_PCT = 224 / 256  # DINO's k-NN/linear eval: resize 256 → center crop 224
+FORMATS = ("timm", "transformers", "onnx")
+# What each format imports beyond the base install (the ``export`` extra).
+FORMAT_PACKAGES = {"timm": (), "transformers": ("transformers",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
 
 
 @dataclass
@@ -166,6 +179,18 @@ def _check_suffix(path: Path) -> None:
         raise CheckpointError(f"output '{path}' must end in .safetensors (timm picks the loader by the suffix)")
 
 
+def build_reference(backbone_sd: dict[str, torch.Tensor], arch: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model(arch, num_classes=0, **model_kwargs)`` (fp32, eval mode) with the weights loaded strictly,
+    so that a wrong arch or kwargs is an error here rather than in the user's loading call."""
+    reference = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)
+    try:
+        reference.load_state_dict(backbone_sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights do not fit timm '{arch}' with {model_kwargs}: "
+                              f"{str(exc).splitlines()[0]} ...") from None
+    return reference.float().eval()
+
+
 def export_backbone(state_dict_or_module: dict[str, torch.Tensor] | nn.Module, arch: str, path: str | Path, *,
                     model_kwargs: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
     """Write a backbone (a module, a backbone state dict, or a MultiCropWrapper state dict) as timm safetensors.
@@ -181,12 +206,7 @@ def export_backbone(state_dict_or_module: dict[str, torch.Tensor] | nn.Module, a
     sd = state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module) else state_dict_or_module
     sd, _ = split_state_dict(sd)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    reference = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)
-    try:
-        reference.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights do not fit timm '{arch}' with {model_kwargs}: "
-                              f"{str(exc).splitlines()[0]} ...") from None
+    build_reference(sd, arch, model_kwargs)
     meta = {"format": "pt", "arch": arch, "timm_kwargs": json.dumps(model_kwargs), "producer": f"dino_fast "
             f"{__version__}", **(metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,39 +260,83 @@ def load_exported(path: str | Path, arch: str | None = None) -> tuple[nn.Module,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dino-fast-export", description="Export a dino_fast backbone for timm.")
+    p = argparse.ArgumentParser(prog="dino-fast-export",
+                                description="Export a dino_fast backbone for timm, transformers or ONNX.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder (its latest), or teacher.pt")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    p.add_argument("--out", required=True, help="output .safetensors file for the backbone")
+    p.add_argument("--out", required=True,
+                   help="timm: a .safetensors file; transformers: a new folder; onnx: a .onnx file")
+    # Checked in main rather than with argparse choices: a bad value is then one 'error:' line, exit 2.
+    p.add_argument("--format", default="timm", metavar="{" + ",".join(FORMATS) + "}", help="default: timm")
     p.add_argument("--head", nargs="?", const="", default=None,
-                   help="also export the DINO head (to this file; default <out>_head.safetensors)")
+                   help="also export the DINO head (to this file; default <out>_head.safetensors); timm format only")
     return p.parse_args(argv)
+
+
+def check_request(fmt: str, out: Path, head: str | None) -> None:
+    """Refuse a bad format, flag or output path, or a missing package, before any checkpoint is read."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format '{fmt}' is not one of {', '.join(FORMATS)}")
+    if head is not None and fmt != "timm":
+        raise ValueError(f"--head writes the DINO head beside a timm export; drop it or use --format timm, "
+                         f"not {fmt}")
+    {"timm": _check_suffix, "transformers": hf_export.check_folder, "onnx": onnx_export.check_path}[fmt](out)
+    for name in FORMAT_PACKAGES[fmt]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise ValueError(f"--format {fmt} needs the '{name}' package: pip install -e \".[export]\"") from None
+
+
+def _export_timm(ckpt: Checkpoint, out: Path, head: str | None, which: str) -> list[str]:
+    backbone_sd, head_sd = split_state_dict(ckpt.state_dict)
+    call = export_backbone(backbone_sd, ckpt.config.model.arch, out, model_kwargs=timm_kwargs(ckpt.config),
+                           metadata={"source": str(ckpt.path), "which": which})
+    lines = []
+    if head is not None:
+        if not head_sd:
+            raise CheckpointError(f"'{ckpt.path}' holds no head.* weights to export")
+        head_path = Path(head) if head else out.with_name(out.stem + "_head.safetensors")
+        export_head(head_sd, head_path, ckpt.config, int(backbone_sd["cls_token"].shape[-1]))
+        lines.append(f"exported DINO head → {head_path} (DINOHead kwargs in its metadata 'dino_head_kwargs')")
+    return [*lines, "load it with:\n  import timm\n  model = " + call]
+
+
+def _export_converted(fmt: str, ckpt: Checkpoint, out: Path, which: str) -> list[str]:
+    """transformers or ONNX: rebuild the timm backbone, convert it, and reload the result to compare."""
+    arch, kwargs, size = ckpt.config.model.arch, timm_kwargs(ckpt.config), ckpt.config.data.global_crop_size
+    model = build_reference(split_state_dict(ckpt.state_dict)[0], arch, kwargs)
+    meta = {"source": str(ckpt.path), "which": which, "arch": arch, "timm_kwargs": json.dumps(kwargs),
+            "producer": f"dino_fast {__version__}"}
+    if fmt == "transformers":
+        err = hf_export.export_transformers(model, out, meta)
+        load = (f"  from transformers import ViTModel\n  model = ViTModel.from_pretrained({str(out.resolve())!r}, "
+                f"add_pooling_layer=False)\n  features = model(pixel_values=x).last_hidden_state[:, 0]")
+    else:
+        err = onnx_export.export_onnx(model, out, size, meta)
+        load = (f"  import onnxruntime\n  session = onnxruntime.InferenceSession({str(out.resolve())!r})\n"
+                f"  features = session.run(['features'], {{'pixel_values': x}})[0]")
+    return [f"reloaded with {fmt}: max relative difference to the backbone {err:.1e} at {size} px",
+            f"load it with (x: float32 [batch, 3, {size}, {size}], ImageNet mean/std normalised):\n{load}"]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = Path(args.out)
     try:
+        check_request(args.format, out, args.head)
         ckpt = read_checkpoint(args.checkpoint, args.which)
-        backbone_sd, head_sd = split_state_dict(ckpt.state_dict)
-        kwargs = timm_kwargs(ckpt.config)
-        call = export_backbone(backbone_sd, ckpt.config.model.arch, args.out, model_kwargs=kwargs,
-                               metadata={"source": str(ckpt.path), "which": args.which})
-        head_path = None
-        if args.head is not None:
-            if not head_sd:
-                raise CheckpointError(f"'{ckpt.path}' holds no head.* weights to export")
-            out = Path(args.out)
-            head_path = Path(args.head) if args.head else out.with_name(out.stem + "_head.safetensors")
-            export_head(head_sd, head_path, ckpt.config, int(backbone_sd["cls_token"].shape[-1]))
+        if args.format == "timm":
+            lines = _export_timm(ckpt, out, args.head, args.which)
+        else:
+            lines = _export_converted(args.format, ckpt, out, args.which)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"dino-fast-export: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    n_params = sum(v.numel() for v in backbone_sd.values())
+    n_params = sum(v.numel() for v in split_state_dict(ckpt.state_dict)[0].values())
     print(f"exported {args.which} backbone of {ckpt.path} ({ckpt.config.model.arch}, {n_params / 1e6:.2f} M params) "
-          f"→ {args.out}")
-    if head_path is not None:
-        print(f"exported DINO head → {head_path} (DINOHead kwargs in its metadata 'dino_head_kwargs')")
-    print("load it with:\n  import timm\n  model = " + call)
+          f"→ {args.out} ({args.format})")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
