@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench gpu-wheels ffcv-carry gpu-prep clean
+.PHONY: setup demo test test-fast lint bench bench-readme gpu-wheels ffcv-carry gpu-prep clean
 
 $(STAMP): pyproject.toml
 	@if ! dpkg -s libturbojpeg0-dev libopencv-dev pkg-config >/dev/null 2>&1; then \
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q numpy numba "timm==1.0.31" "deepspeed==0.19.8" rich pyyaml safetensors pillow tensorboard \
 		"nvidia-dali-cuda130==2.4.0" pytest ruff matplotlib scikit-image scikit-learn
 	$(PIP) install -q "ffcv==1.0.2"
+	$(PIP) install -q "transformers==5.25.0" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"  # the export extra
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -31,11 +32,23 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
+# The inner loop: the suite without the tests marked slow (the demo run, multi-process runs, the GPU-check rehearsal).
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Every benchmark on this machine (--quick sizes on a CPU); records and the printed summary go to
+# benchmarks/results/local/ (git-ignored): no tracked file changes.
 bench: setup
 	$(PY) -m benchmarks.run_all $(ARGS)
+
+# The maintainer's: the README's performance table (newest row per piece and device) from the tracked
+# benchmarks/results/*.json; measures nothing.
+bench-readme: setup
+	$(PY) -m benchmarks.run_all --readme
 
 # Wheels the lent GPU machine lacks (it has torch, triton, timm, rich, numpy but no deepspeed), for
 # benchmarks/gpu/gpu_check.sh: carried in .whl/ (git-ignored).

@@ -173,6 +173,17 @@ def write_json(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def write_between_markers(path: Path, start: str, end: str, block: str) -> None:
+    """Replace what lies between the ``start`` and ``end`` marker lines of a Markdown file with ``block``; the rest
+    of the file is left byte for byte (others edit it too)."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: the markers {start} and {end} are missing; put them where the table goes")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+
+
 def git_commit() -> str | None:
     """The checkout's short commit, with ``+`` when it has uncommitted changes; None outside a git checkout (the
     lent GPU machine gets a copy of the working tree without its history)."""

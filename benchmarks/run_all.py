@@ -1,54 +1,70 @@
-"""Every benchmark of the project in one run (``make bench``), then one summary of all results files.
+"""Every benchmark of the project in one run (``make bench``), then one summary table; or the README's table.
 
-Runs bench_loss, bench_ema, bench_loaders and bench_train (``--quick`` on a CPU, full on a GPU) as separate
-processes, so one failing benchmark does not lose the others; then reads every record in ``benchmarks/results/``
-(the JSON files of ``benchmarks.common.SCHEMA``) and writes ``benchmarks/results/summary.md``: each headline row
-against its baseline row measured in the same run (throughput ratio, ``benchmarks.common.speedup``), per device,
-with the date; a PNG chart of the speed-ups; and the README's "Performance" section with the same table.
+``make bench`` runs bench_loss, bench_ema, bench_loaders, bench_train, bench_augment and bench_profile
+(``--quick`` on a CPU, full on a GPU) as separate processes, so one failing benchmark does not lose the others.
+Their records (the JSON files of ``benchmarks.common.SCHEMA``) go to ``benchmarks/results/local/`` (untracked; or
+``$OUT``, or ``--out-dir``), and the summary of that folder is printed and written there (``summary.md``,
+``summary.png``): each headline row against its baseline row measured in the same run (throughput ratio,
+``benchmarks.common.speedup``), per device, with the date. No tracked file changes.
 
-    python -m benchmarks.run_all            # run, then summarise
-    python -m benchmarks.run_all --summary  # only summarise the results already there
+``make bench-readme`` (``--readme``, the maintainer's) measures nothing: it summarises the tracked
+``benchmarks/results/*.json`` and rewrites the README's table between its performance markers, and the
+``summary.md`` / ``summary.png`` beside those results. Every table keeps one row per piece and device, the newest
+run by the row's date: a piece measured again replaces its older row instead of adding one.
+
+    python -m benchmarks.run_all             # run, then summarise the local results
+    python -m benchmarks.run_all --summary   # only summarise the local results already there
+    python -m benchmarks.run_all --readme    # the README's table from the tracked results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import SCHEMA, baseline_row, fmt, throughput
+from benchmarks.common import RESULTS_DIR, SCHEMA, baseline_row, fmt, throughput, write_between_markers
 
-RESULTS = Path(__file__).resolve().parent / "results"
+LOCAL = RESULTS_DIR / "local"  # git-ignored: what `make bench` measures on the user's machine
 README = Path(__file__).resolve().parents[1] / "README.md"
-BENCHES = ("bench_loss", "bench_ema", "bench_loaders", "bench_train")
+BENCHES = ("bench_loss", "bench_ema", "bench_loaders", "bench_train", "bench_augment", "bench_profile")
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+Row = tuple[str, str, str, str, str, str]  # device, date, piece, ours, reference, ratio
 
 
-def run_benchmarks(quick: bool) -> dict[str, int]:
+def run_benchmarks(quick: bool, out_dir: Path) -> dict[str, int]:
+    """Each benchmark in its own process; every one writes its record into ``out_dir`` (``$OUT`` is the folder
+    ``benchmarks.common.results_path`` writes to when a benchmark is given no ``--out``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     codes = {}
     for name in BENCHES:
         cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else [])
         print(f"=== {' '.join(cmd)}", flush=True)
-        codes[name] = subprocess.run(cmd).returncode
+        codes[name] = subprocess.run(cmd, env={**os.environ, "OUT": str(out_dir)}).returncode
     return codes
 
 
-def summary_rows() -> list[tuple[str, str, str, str, str, str]]:
-    """(device, date, piece, ours, reference, ratio) for every headline row of every results file."""
-    rows = []
-    for path in sorted(RESULTS.glob("*.json")):
+def summary_rows(folder: Path) -> list[Row]:
+    """One table row per piece and device, from the newest headline row (by its date) of all records in ``folder``;
+    the pieces keep the order in which the files first name them."""
+    newest: dict[tuple[str, str], tuple[str, Row]] = {}
+    for path in sorted(folder.glob("*.json")):
         d = json.loads(path.read_text())
-        if d.get("schema") != SCHEMA:  # other JSON kept there (recipe_check, dali_gpu_check) is not a record
+        if d.get("schema") != SCHEMA:  # other JSON kept there (dali_gpu_check's) is not a record
             continue
         for r in d["rows"]:
             cells = _describe(d, r)
-            if cells is not None:
-                rows.append((r["device"], str(r["date"])[:10], *cells))
-    return rows
+            if cells is None:
+                continue
+            key, date = (r["device"], cells[0]), str(r["date"] or "")
+            if key not in newest or date >= newest[key][0]:  # equal dates: the later row of the later file
+                newest[key] = (date, (r["device"], date[:10], *cells))
+    return [row for _, row in newest.values()]
 
 
 def _describe(d: dict, r: dict) -> tuple[str, str, str, str] | None:
@@ -72,13 +88,13 @@ def _value(r: dict) -> str:
     return f"{fmt(throughput(r))} img/s" if "images" in r["extra"] else f"{fmt(r['p50_ms'])} ms"
 
 
-def markdown(rows) -> str:
+def markdown(rows: list[Row]) -> str:
     lines = ["| device | date | piece | ours | reference | ours / reference |", "|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines)
 
 
-def chart(rows, path: Path) -> None:
+def chart(rows: list[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,28 +113,35 @@ def chart(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(table: str) -> None:
-    text = README.read_text()
-    if START not in text or END not in text:
-        return
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+def summarise(folder: Path) -> str:
+    """The table of ``folder``'s records, also written there as ``summary.md`` (and ``summary.png``)."""
+    rows = summary_rows(folder)
+    table = markdown(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(table + "\n")
+    if rows:
+        chart(rows, folder / "summary.png")
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--summary", action="store_true", help="only summarise existing results")
+    p.add_argument("--summary", action="store_true", help="only summarise the results already in --out-dir")
     p.add_argument("--quick", action="store_true", help="quick mode even on a GPU")
+    p.add_argument("--out-dir", default=os.environ.get("OUT") or str(LOCAL),
+                   help="where the records and the summary go (default: $OUT, else benchmarks/results/local/)")
+    p.add_argument("--readme", action="store_true",
+                   help="measure nothing: the README's table (and results/summary.*) from the tracked results")
     args = p.parse_args(argv)
-    codes = {} if args.summary else run_benchmarks(args.quick or not torch.cuda.is_available())
-    rows = summary_rows()
-    table = markdown(rows)
-    (RESULTS / "summary.md").write_text(table + "\n")
-    if rows:
-        chart(rows, RESULTS / "summary.png")
-    update_readme(table)
-    print(table)
+    if args.readme:
+        table = summarise(RESULTS_DIR)
+        write_between_markers(README, START, END, table)
+        print(table)
+        return
+    out_dir = Path(args.out_dir)
+    codes = {} if args.summary else run_benchmarks(args.quick or not torch.cuda.is_available(), out_dir)
+    print(summarise(out_dir))
+    print(f"results in {out_dir}/")
     failed = [n for n, c in codes.items() if c]
     if failed:
         raise SystemExit(f"benchmarks that failed: {', '.join(failed)}")

@@ -26,7 +26,7 @@ def _draw(cls: str, size: int, rng: np.random.Generator, hard: bool = False) -> 
 
     ``hard`` widens the nuisances (period 5–14 px, a third of the contrast, twice the noise, the pattern turned by up
     to ±15°, a brightness gradient): the same classes, harder to tell apart. It makes a second tuning set of the
-    demo's kind (``benchmarks/recipe_check.py``, set ``textures-hard``) for when the demo set is saturated."""
+    demo's kind (``benchmarks/research/recipe_check.py``, set ``textures-hard``) for when the demo set is saturated."""
     # What two crops of one image share is what self-distillation learns. So the per-image nuisances are kept
     # small (grey levels, contrast, period): vivid random colours or brightness would be an easier shared signal
     # than the texture. And no class is the mirror image of another: the horizontal flip augmentation teaches

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,6 +37,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_slurm_port() -> int:
+    """A free port that a SLURM job id can name (dino_fast.dist: SLURM_PORT_BASE + job id mod 20000)."""
+    from dino_fast.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
+
+    for port in random.Random().sample(range(SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_SPAN), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in the SLURM range")
 
 
 def run_main(args: list[str], capsys) -> tuple[int, str]:

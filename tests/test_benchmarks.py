@@ -1,9 +1,11 @@
 """The train-step benchmark runs end to end (a smoke run, not a timing) and its results feed the summary table; the
-step profile's numbers match independent counts."""
+step profile's numbers match independent counts; the summary keeps the newest row per piece and `make bench` writes
+only into its untracked folder; the recipe check's rows and table (docs/small-data.md) match its results file."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +16,9 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_profile, bench_train, run_all
-from benchmarks.common import speedup
-from benchmarks.loss_parts import loss_parts
-from benchmarks.recipe_check import markdown_table
+from benchmarks.common import RESULTS_DIR, SCHEMA, Record, speedup
+from benchmarks.research import recipe_check
+from benchmarks.research.loss_parts import loss_parts
 from benchmarks.steps import OursStep, ReferenceStep, bench_config, synthetic_crops
 from dino_fast.config import ModelConfig
 from dino_fast.loss import DINOLoss
@@ -183,17 +185,85 @@ def test_bench_profile_device_timeline_arithmetic():
 
 
 def test_readme_recipe_table_and_demo_numbers_match_the_results_file():
-    """The README's "Small datasets" table is the one recipe_check prints from its results file, and the numbers the
+    """docs/small-data.md's recipe table is the one recipe_check prints from its results file, and the numbers the
     README's introduction gives for `make demo` are the current recipe's demo row (first recipe of the file)."""
     repo = Path(__file__).resolve().parents[1]
     readme = (repo / "README.md").read_text()
-    rows = json.loads((repo / "benchmarks/results/recipe_check_cpu.json").read_text())["rows"]
-    block = readme.split("<!-- recipe-check:start -->\n")[1].split("\n<!-- recipe-check:end -->")[0]
-    assert block == markdown_table(rows)
-    demo = next(r for r in rows if r["dataset"] == "demo")
+    docs = (repo / "docs/small-data.md").read_text()
+    payload = json.loads((repo / "benchmarks/results/recipe_check_cpu.json").read_text())
+    assert payload["schema"] == SCHEMA and all(r["name"] == recipe_check.NAME for r in payload["rows"])
+    rows = payload["rows"]
+    block = docs.split(recipe_check.START + "\n")[1].split("\n" + recipe_check.END)[0]
+    assert block == recipe_check.markdown_table(rows)
+    demo = next(r for r in rows if r["mode"] == "demo")["extra"]
     intro = " ".join(readme.split("## Training")[0].split())
     assert f"{demo['knn_before']:.2f}% for the random network → {demo['knn_after']:.2f}% after" in intro
     assert f"the loss from {demo['loss_first10']:.2f} to {demo['loss_last10']:.2f} nats" in intro
+
+
+def _record(path: Path, date: str, ours_ms: float, reference_ms: float = 10.0) -> None:
+    """A results file with one headline row (ours) and its baseline (reference), measured on ``date``."""
+    row = {"name": "DINO loss", "shape": "B=8", "mode": "fwd+bwd", "peak_memory_bytes": None, "device": "cpu",
+           "commit": None, "date": date, "error": None, "extra": {}}
+    path.write_text(json.dumps({"schema": SCHEMA, "benchmark": "dino_loss", "rows": [
+        {**row, "provider": "reference", "p20_ms": reference_ms, "p50_ms": reference_ms, "p80_ms": reference_ms,
+         "baseline": None, "headline": False},
+        {**row, "provider": "ours", "p20_ms": ours_ms, "p50_ms": ours_ms, "p80_ms": ours_ms,
+         "baseline": {"provider": "reference", "mode": "fwd+bwd"}, "headline": True}]}))
+
+
+def test_summary_keeps_the_newest_row_per_piece_and_device(tmp_path):
+    """A piece measured again replaces its older row, whichever file sorts first; another device keeps its own."""
+    _record(tmp_path / "a_new.json", "2026-11-28T10:00:00+00:00", ours_ms=2.0)
+    _record(tmp_path / "b_old.json", "2026-11-27T10:00:00+00:00", ours_ms=5.0)
+    rows = run_all.summary_rows(tmp_path)
+    assert [(r[1], r[3], r[5]) for r in rows] == [("2026-11-28", "2 ms", "5×")]
+    gpu = json.loads((tmp_path / "b_old.json").read_text())
+    for r in gpu["rows"]:
+        r["device"] = "gpu"
+    (tmp_path / "c_gpu.json").write_text(json.dumps(gpu))
+    assert [(r[0], r[1]) for r in run_all.summary_rows(tmp_path)] == [("cpu", "2026-11-28"), ("gpu", "2026-11-27")]
+    # The tracked results: one row per piece and device, e.g. the CPU train step with the torch loader, measured on
+    # 2026-11-27 and again on 2026-11-28, keeps the second.
+    tracked = run_all.summary_rows(RESULTS_DIR)
+    assert len({(r[0], r[2]) for r in tracked}) == len(tracked)
+    step = [r for r in tracked if r[2] == "train step vit_tiny_patch16_224 2x64+4x32 B=8 torch"]
+    assert [r[1] for r in step] == ["2026-11-28"]
+
+
+def test_make_bench_writes_only_into_its_untracked_folder(tmp_path, monkeypatch, capsys):
+    """`make bench` (run_all's default) measures into benchmarks/results/local/, which git ignores, and prints the
+    table; no tracked file (the README, the tracked results) changes. One quick benchmark stands for all six."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("OUT", raising=False)
+    assert run_all.LOCAL == RESULTS_DIR / "local"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(run_all.LOCAL / "x.json")], cwd=repo)
+    assert ignored.returncode == 0, "benchmarks/results/local/ must be git-ignored"
+    tracked = subprocess.run(["git", "ls-files", "README.md", "benchmarks/results"], cwd=repo, capture_output=True,
+                             text=True, check=True).stdout.split()
+
+    def contents() -> dict[str, bytes]:
+        return {f: (repo / f).read_bytes() for f in tracked if (repo / f).exists()}
+
+    before = contents()
+    monkeypatch.setattr(run_all, "LOCAL", tmp_path / "local")
+    monkeypatch.setattr(run_all, "BENCHES", ("bench_augment",))
+    run_all.main(["--quick"])
+    assert contents() == before
+    record = json.loads((tmp_path / "local" / "augment_cpu.json").read_text())
+    assert record["schema"] == SCHEMA and (tmp_path / "local" / "summary.md").exists()
+    assert "photometric augmentation" in capsys.readouterr().out
+
+
+def test_recipe_check_records_a_failed_run_as_an_error_row(tmp_path):
+    """A run whose trainer fails is a row of the record schema with its error (the other sets still run), and the
+    table says so in its cell."""
+    record = Record("recipe_check", torch.device("cpu"), str(tmp_path / "recipe.json"))
+    row = recipe_check.run_one(record, "broken", "demo", tmp_path / "data", tmp_path / "runs", ["no_such.key=1"])
+    assert row["error"] and "no_such" in row["error"] and row["p50_ms"] is None
+    assert (row["name"], row["provider"], row["mode"]) == ("recipe", "broken", "demo")
+    assert row["extra"]["overrides"] == ["no_such.key=1"] and row["extra"]["role"] == "tuning"
+    assert "| demo (tuning) | - | failed" in recipe_check.markdown_table(record.rows)
 
 
 def test_loss_parts_mean_is_the_dino_loss_and_a_student_equal_to_its_teacher_sits_on_the_floor():

@@ -120,6 +120,7 @@ def _size(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_conversion_leaves_no_valid_looking_file(tmp_path, sig):
     """Interrupt while ffcv writes (the temp file exists): DST never appears; SIGINT also removes the temp file."""

@@ -1,7 +1,7 @@
 """Every loader backend's crops look like the reference's: per crop kind (G1, G2, locals) the gray and solarised
 shares, sharpness (mean |Laplacian|), brightness, contrast and saturation, on real photographs.
 
-Statistics, photographs and tolerances: ``benchmarks.crop_stats`` (tolerances from two seeds of the reference's
+Statistics, photographs and tolerances: ``benchmarks.research.crop_stats`` (tolerances from two seeds of the reference's
 own transform, ``benchmarks.reference.DataAugmentationDINO``). Crops are 112 and 48 px from photographs at longest
 side 256 (the reference's 224 and 96 relative to ImageNet-sized images, at a quarter of the cost).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.crop_stats import STATS, compare, loader_stats, photo_folder, reference_stats
+from benchmarks.research.crop_stats import STATS, compare, loader_stats, photo_folder, reference_stats
 from pipelines.spec import MultiCropSpec
 
 COPIES = 24  # of each of the 6 photographs

@@ -102,7 +102,7 @@ def test_gpu_graph_decodes_real_jpegs_and_hands_over_zero_copy(tmp_path):
     """nvJPEG (hardware decoder share 0.99) on real photographs: the batch contract on the GPU, crops that stay
     valid after later runs (zero-copy DLPack views of fresh buffers), and colour statistics equal to the CPU
     graph's (same ops, other decoder: means within 0.05, stds within 0.05 of a normalised unit)."""
-    from benchmarks.crop_stats import photo_folder
+    from benchmarks.research.crop_stats import photo_folder
 
     images = list_images(photo_folder(tmp_path, copies=8))  # 48 JPEGs
     spec = MultiCropSpec(global_size=64, local_size=32, n_local=2)
@@ -287,6 +287,7 @@ def test_corrupt_files_are_skipped_with_a_warning(tmp_path):
         DaliMultiCropLoader(only_bad, SPEC, 1, 1, 0, 1, 0, CPU)
 
 
+@pytest.mark.slow
 def test_trainer_runs_a_few_steps_with_the_dali_backend(tmp_path):
     env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
     run = tmp_path / "run"

@@ -4,12 +4,11 @@ CUDA out of memory in the step (exit 5), a full disk while writing a checkpoint 
 from __future__ import annotations
 
 import errno
-import random
-import socket
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from dino_fast.config import load_config
@@ -17,7 +16,7 @@ from dino_fast.train import train
 
 import faults
 from child_env import clean_env
-from runs import REPO, ckpt_dir, latest_tag, run_main
+from runs import REPO, ckpt_dir, free_slurm_port, latest_tag, run_main
 
 LEVERS = ("data.batch_size_per_gpu (halve it), model.grad_checkpointing=true, model.packed_crops=true, "
           "deepspeed.zero_stage=1 or 2, deepspeed.offload_optimizer=cpu")
@@ -90,19 +89,7 @@ def test_torchs_own_write_failure_counts_as_a_full_disk(tiny_overrides, capsys, 
     assert "the disk is full or over its quota" in err and latest_tag(run) == "step_00000002"
 
 
-def _free_slurm_port() -> int:
-    from dino_fast.dist import SLURM_PORT_BASE
-
-    for port in random.Random().sample(range(SLURM_PORT_BASE, SLURM_PORT_BASE + 20000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
+@pytest.mark.slow
 def test_out_of_memory_on_one_rank_stops_both_with_its_message(tiny_overrides, tmp_path):
     """Rank 1's step 3 runs out of memory; rank 0, waiting for it in the gradient all-reduce, sees the connection
     close, finds rank 1's message in the run folder and ends with it. Started as srun starts tasks (no launcher
@@ -112,7 +99,7 @@ def test_out_of_memory_on_one_rank_stops_both_with_its_message(tiny_overrides, t
     run = tmp_path / "run"
     overrides = [o for o in tiny_overrides if not o.startswith("checkpoint.output_dir")] + [
         f"checkpoint.output_dir={run}", "optim.max_steps=8", "data.batch_size_per_gpu=4", "checkpoint.every_steps=1"]
-    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(_free_slurm_port() - SLURM_PORT_BASE),
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(free_slurm_port() - SLURM_PORT_BASE),
            "SLURM_JOB_NODELIST": "localhost", "DINO_FAST_TEST_FAULT": "oom@3:1"}
     t0 = time.time()
     tasks = [subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_train.py"), *overrides], cwd=REPO,

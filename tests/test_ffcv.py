@@ -131,6 +131,7 @@ def probes(betons, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_decodes_each_image_once_and_crop_geometry(probes):
     res, _ = probes[False]
     assert not res["jit"] and res["steps"] == 6
@@ -218,6 +219,7 @@ def test_clear_errors(beton, tmp_path):
         build(str(beton), batch=32)
 
 
+@pytest.mark.slow
 def test_trainer_runs_a_few_steps_on_ffcv(tmp_path):
     from pipelines.demo_data import ensure_demo_dataset
 

@@ -23,10 +23,10 @@ from child_env import clean_env
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu" / "gpu_check.sh"
 NEEDS_CUDA = ("needs a CUDA GPU", "needs CUDA")  # the only errors a CPU rehearsal may record
-FILES = {"decision": {"gpu_check.log", "summary.json", "gate.json", "decision_cpu.json", "bench_ema_cpu.json",
-                      "cuda_tests.xml"},
+FILES = {"decision": {"gpu_check.log", "summary.json", "gate.json", "decision_cpu.json", "memory_cpu.json",
+                      "bench_ema_cpu.json", "cuda_tests.xml"},
          "data": {"gpu_check.log", "summary.json", "loaders.json", "train_ffcv.json", "dali_gpu.json"}}
-STEPS = {"decision": ["env", "gate", "decision-s", "decision-b", "ema", "cuda-tests", "compiled"],
+STEPS = {"decision": ["env", "gate", "decision-s", "decision-b", "memory", "ema", "cuda-tests", "compiled"],
          "data": ["ffcv-import", "loaders", "train-ffcv", "dali-gpu"]}
 
 
@@ -45,6 +45,7 @@ def rows(out: Path) -> list[dict]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part", ["decision", "data"])
 def test_every_step_of_the_gpu_check_runs_on_cpu_and_writes_its_file(part, tmp_path):
     proc = rehearse(part, tmp_path)
@@ -63,6 +64,10 @@ def test_every_step_of_the_gpu_check_runs_on_cpu_and_writes_its_file(part, tmp_p
         providers = {r["provider"] for r in decision["rows"]}
         assert {"ours", "ours-packed", "ours-graph", "ours-packed-graph", "reference", "ours-best"} <= providers
         assert {r["extra"]["batch"] for r in decision["rows"]} == {4, 8, 16}  # the three parts appended, not replaced
+        memory = json.loads((tmp_path / "memory_cpu.json").read_text())["rows"]
+        archs = ("vit_small_patch16_224", "vit_base_patch16_224")  # the rehearsal's stand-ins for ViT-B and ViT-L
+        assert {(r["extra"]["arch"], r["provider"]) for r in memory} == {(a, p) for a in archs
+                                                                          for p in ("ours", "ours-ckpt")}
         gate = {c["check"]: c for c in json.loads((tmp_path / "gate.json").read_text())["checks"]}
         assert gate["packed = unpacked"]["ok"] and gate["EMA on device = float"]["ok"]
         assert "needs CUDA" in gate["graph = eager"]["error"]
@@ -72,6 +77,7 @@ def test_every_step_of_the_gpu_check_runs_on_cpu_and_writes_its_file(part, tmp_p
         assert json.loads((tmp_path / "dali_gpu.json").read_text())["status"] == "no CUDA device"
 
 
+@pytest.mark.slow
 def test_a_run_cut_off_by_its_deadline_keeps_what_it_finished(tmp_path):
     proc = rehearse("decision", tmp_path, GPU_CHECK_DEADLINE="14")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,11 +1,12 @@
-"""The sketches held-out set (benchmarks/heldout_data.py): deterministic, the demo's layout, a whole object drawn."""
+"""The sketches held-out set (benchmarks/research/heldout_data.py): deterministic, the demo's layout, a whole
+object drawn."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.heldout_data import SKETCHES, generate
+from benchmarks.research.heldout_data import SKETCHES, generate
 
 
 def test_sketches_are_deterministic_in_the_demo_layout(tmp_path):

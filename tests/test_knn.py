@@ -155,6 +155,7 @@ def _shard_worker(rank: int, world: int, init_file: str, folder: ImageList, out:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_extract_features_gathers_strided_shards_over_gloo(tiny_folders, tmp_path):
     images = list_images(tiny_folders[1])
     images = ImageList(images.files[:15], images.labels[:15], images.classes, images.root)  # shards 8/7: padded

@@ -28,6 +28,8 @@ from PIL import Image
 from pipelines.loader import epoch_indices
 from pipelines.spec import MultiCropSpec
 
+# Three backends in processes of their own (FFCV's numba compile included): ~40 s on 2 cores, so out of test-fast.
+pytestmark = pytest.mark.slow
 BACKENDS = ("torch", "dali", "ffcv")
 SPEC = MultiCropSpec(global_size=32, local_size=16, n_local=3)
 N_IMAGES, N_FLAT = 96, 10  # the tiny set's 8 classes × 12 train images; a flat folder of the first 10

@@ -4,8 +4,6 @@ trains, bit for bit."""
 
 from __future__ import annotations
 
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,7 @@ from dino_fast.dist import (
 )
 
 from child_env import clean_env
-from runs import REPO, ckpt_dir, free_port
+from runs import REPO, ckpt_dir, free_port, free_slurm_port
 
 SLURM_TASK = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
               "SLURM_JOB_NODELIST": "gpu-a[07-08],gpu-b3", "SLURM_STEP_NODELIST": "gpu-a[08],gpu-b3"}
@@ -71,18 +69,7 @@ def test_each_task_finds_its_gpu_with_all_or_one_visible():
         local_device_index(4, 4)
 
 
-def _free_port_in_slurm_range() -> int:
-    """A free port the job id can name (SLURM_PORT_BASE + job id mod 20000)."""
-    for port in random.Random().sample(range(SLURM_PORT_BASE, SLURM_PORT_BASE + 20000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in the SLURM range")
-
-
+@pytest.mark.slow
 def test_two_slurm_tasks_train_what_the_deepspeed_launcher_trains(tiny_overrides, tmp_path):
     """2 CPU ranks started as srun starts them (no launcher: each process its SLURM_PROCID) against the same run
     under `deepspeed --num_gpus 2`: after 10 steps the same teacher, bit for bit."""
@@ -95,7 +82,7 @@ def test_two_slurm_tasks_train_what_the_deepspeed_launcher_trains(tiny_overrides
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     slurm = tmp_path / "slurm"
-    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(_free_port_in_slurm_range() - SLURM_PORT_BASE),
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(free_slurm_port() - SLURM_PORT_BASE),
            "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost"}
     tasks = [subprocess.Popen([sys.executable, "-m", "dino_fast.train", *common, f"checkpoint.output_dir={slurm}"],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -38,6 +38,7 @@ def _child_overrides(tiny_overrides: list[str], run: Path, workers: int) -> list
                    "checkpoint.every_steps=0", "logging.progress=plain"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_process_tree_finishes_the_step_and_checkpoints(sig, tiny_overrides, tmp_path):
     """The DataLoader workers get the signal too. Before, SIGTERM killed them and torch's SIGCHLD handler raised
@@ -55,6 +56,7 @@ def test_a_signal_to_the_process_tree_finishes_the_step_and_checkpoints(sig, tin
     assert not list((run / "checkpoints" / ".tmp").iterdir())
 
 
+@pytest.mark.slow
 def test_a_killed_loader_worker_checkpoints_every_finished_step_then_fails_clearly(tiny_overrides, tmp_path):
     run = tmp_path / "run"
     with trainer_process(_child_overrides(tiny_overrides, run, workers=2)) as proc:
@@ -69,6 +71,7 @@ def test_a_killed_loader_worker_checkpoints_every_finished_step_then_fails_clear
     assert f"step_{steps:08d}" in err and latest_tag(run) == f"step_{steps:08d}"
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_overrides, tmp_path):
     """Ranks agree between steps. Before, the signalled rank went into the checkpoint's barrier while the other
     went on into the next step's all-reduce, and both waited for each other until killed."""
@@ -90,6 +93,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_overrides, 
     assert torch.equal(r0["fingerprint"], r1["fingerprint"])
 
 
+@pytest.mark.slow
 def test_a_loader_failure_on_one_rank_stops_every_rank_within_two_steps(tiny_overrides, tmp_path):
     """Rank 1's loader fails where step 3's batch would come (tests/faults.py). The ranks agree on the host (a gloo
     all-reduce, never a wait for the device): rank 0, which has its batch, stops too, both checkpoint step 2 and the

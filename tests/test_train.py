@@ -70,6 +70,7 @@ def test_checkpoints_are_pruned_and_hold_everything(tiny_overrides, tmp_path):
     assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_through_the_deepspeed_launcher_agree(tiny_overrides, tmp_path):
     run = tmp_path / "ddp"
     overrides = [o for o in tiny_overrides if not o.startswith("checkpoint.output_dir")]
@@ -146,6 +147,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_overrides, tmp
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
 
 
+@pytest.mark.slow
 def test_demo_config_runs_via_python_m(tmp_path):
     """`python -m dino_fast.train --config demo.yaml` (plain progress, no TTY) on a few steps."""
     env = clean_env(DINO_FAST_DEMO_DIR=str(tmp_path / "demo"))
@@ -183,8 +185,8 @@ def test_demo_recipe_learns_without_collapse(tmp_path):
     ends with its summary (k-NN before → after, loss and entropy, the metrics plot it drew).
 
     The same recipe with only data.path changed is checked on the held-out datasets (glyphs, shapes, digits) in
-    benchmarks/recipe_check.py (README "Small datasets"); the collapse warning itself is tested on a run that does
-    collapse in test_health.py.
+    benchmarks/research/recipe_check.py (docs/small-data.md); the collapse warning itself is tested on a run that
+    does collapse in test_health.py.
     """
     import json
     import math

@@ -1,11 +1,11 @@
-"""The photographs tuning set (benchmarks/tuning_data.py): deterministic, the demo's layout, grey patches."""
+"""The photographs tuning set (benchmarks/research/tuning_data.py): deterministic, the demo's layout, grey patches."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.tuning_data import PHOTO_CLASSES, generate, photo_sources
+from benchmarks.research.tuning_data import PHOTO_CLASSES, generate, photo_sources
 
 
 def _files(root):

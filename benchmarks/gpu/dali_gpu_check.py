@@ -2,8 +2,9 @@
 crop statistics against the reference and the CPU graph, then timed runs over ``hw_decoder_load`` × threads.
 
 Where DALI is not installed (the lent GPU machine: DALI is ~1 GB and cannot travel) it prints
-``dali-gpu: not installed (...)``, records that, and exits 0. Images: real photographs (``benchmarks.crop_stats``)
-for the contract and the statistics, the loader benchmark's generated 500×375 JPEGs for the timing.
+``dali-gpu: not installed (...)``, records that, and exits 0. Images: real photographs
+(``benchmarks.research.crop_stats``) for the contract and the statistics, the loader benchmark's generated
+500×375 JPEGs for the timing.
 Run: ``python -m benchmarks.gpu.dali_gpu_check [--runs 50] [--out FILE]``.
 """
 
@@ -42,7 +43,7 @@ def check_contract(loader, spec) -> dict[str, Any]:
 
 def check_statistics(work: Path) -> dict[str, Any]:
     """The GPU graph's and the CPU graph's crop statistics against two seeds of the reference (as the test)."""
-    from benchmarks.crop_stats import compare, loader_stats, photo_folder, reference_stats
+    from benchmarks.research.crop_stats import compare, loader_stats, photo_folder, reference_stats
     from pipelines.dali import DaliMultiCropLoader
     from pipelines.folder import list_images
     from pipelines.spec import MultiCropSpec
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.spec import MultiCropSpec
 
             with tempfile.TemporaryDirectory() as tmp:
-                from benchmarks.crop_stats import photo_folder
+                from benchmarks.research.crop_stats import photo_folder
 
                 spec = MultiCropSpec(n_local=10)
                 photos = list_images(photo_folder(Path(tmp) / "contract", copies=16))

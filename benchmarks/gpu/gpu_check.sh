@@ -20,10 +20,11 @@
 #   decision   ViT-S/16 B 128, 64, 256 x ours, ours-packed, ours-graph, ours-packed-graph,
 #              reference, reference-repo (18 rows)                                               ~ 115 s
 #              ViT-B/16 B 64, 128 x ours, ours-graph, ours-packed-graph, reference (8 rows)      ~ 60 s
+#   memory     ViT-B/16 and ViT-L/16 B=64 x ours, ours-ckpt (img/s and peak GiB; ViT-L ~3x ViT-B) ~ 50 s
 #   ema        the graph step's EMA: foreach lerp vs the Triton kernel, both momentum on device  ~ 15 s
 #   cuda-tests the CUDA tests of the kernels and the step (pytest -m cuda; 21 s on the H100)    ~ 30 s
 #   compiled   ours-best (compiled + packed + whole-step graph) at ViT-S/16 B=128                 ~ 85 s
-#                                                                                       total    ~ 346 s
+#                                                                                       total    ~ 396 s
 # The rows are 2x224+10x96, K=65536, bf16 (the reference: fp16 + GradScaler), synthetic crops on the device.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -70,18 +71,18 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD within LIMIT_S and the command's 
 }
 
 # The shapes: the real ones, or tiny ones for the rehearsal (the same steps, arguments and files).
-S=vit_small_patch16_224 B=vit_base_patch16_224
+S=vit_small_patch16_224 B=vit_base_patch16_224 L=vit_large_patch16_224
 SHAPE=(--locals 10 --global-size 224 --local-size 96 --out-dim 65536)
 STEPS=(--steps 5 --warmup 2)
 EMA_ARGS=()
-BS_S=128,64,256 BS_B=64,128 B_MID=128
+BS_S=128,64,256 BS_B=64,128 B_MID=128 B_MEM=64
 if [ "$REHEARSAL" = 1 ]; then
-  S=vit_tiny_patch16_224 B=vit_small_patch16_224
+  S=vit_tiny_patch16_224 B=vit_small_patch16_224 L=vit_base_patch16_224
   SHAPE=(--locals 2 --global-size 32 --local-size 16 --out-dim 256 --set model.depth=1 model.head_hidden_dim=64
          model.head_bottleneck_dim=32)
   STEPS=(--steps 1 --warmup 1)
   EMA_ARGS=(--quick --iters 2)
-  BS_S=8,4,16 BS_B=4,8 B_MID=8
+  BS_S=8,4,16 BS_B=4,8 B_MID=8 B_MEM=4
 fi
 
 if [ "$PART" = decision ]; then
@@ -103,6 +104,10 @@ print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'tim
     --providers $PROVIDERS "${REPO_ARGS[@]}" "${SHAPE[@]}" "${STEPS[@]}" --name decision
   step decision-b 120 $PY -m benchmarks.bench_train --archs $B --batches $BS_B --modes synthetic \
     --providers ours,ours-graph,ours-packed-graph,reference "${SHAPE[@]}" "${STEPS[@]}" --name decision --append
+  # Which card fits which recipe: ViT-B/16 and ViT-L/16 at B=64 with and without activation checkpointing, img/s
+  # and peak memory side by side (a configuration predicted not to fit is recorded as such, not run).
+  step memory 90 $PY -m benchmarks.bench_train --archs $B,$L --batches $B_MEM --modes synthetic \
+    --providers ours,ours-ckpt "${SHAPE[@]}" "${STEPS[@]}" --name memory
   step ema 40 $PY -m benchmarks.bench_ema "${EMA_ARGS[@]}"
   # The CUDA tests of the kernels and the step (loss, EMA, photometric augmentation, graph vs eager), as JUnit XML.
   step cuda-tests 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_dino_loss.py tests/test_ops_ema.py \
@@ -125,7 +130,8 @@ print('ffcv', ffcv.__file__, ffcv.libffcv.lib._name, 'python', sys.version.split
   # Loader throughput: the torch/PIL baseline on the JPEGs, FFCV on them stored at longest side 256/384/512
   # (target: ≥ 3,000 img/s, so it never starves a 2,500 img/s step).
   step loaders 120 env DINO_FAST_BENCH_DIR=/tmp/bench_images $PY -m benchmarks.bench_loaders --backends torch,ffcv \
-    --workers $WORKERS --images $IMAGES --rounds $ROUNDS --batch-size $BATCH --ffcv-resolutions $RES "${DATA_SHAPE[@]}" \
+    --workers $WORKERS --images $IMAGES --rounds $ROUNDS --batch-size $BATCH --ffcv-resolutions $RES \
+    "${DATA_SHAPE[@]}" \
     --out "$OUT_DIR/loaders.json"
   # End to end: ViT-S/16 fed by FFCV (img/s and the share of the step spent waiting for data; target ≤ 5%).
   step train-ffcv 90 env DINO_FAST_BENCH_DIR=/tmp/bench_images $PY -m benchmarks.bench_train --archs $S \

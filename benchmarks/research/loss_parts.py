@@ -14,7 +14,7 @@ The loss is the cross-entropy H(q, s) = H(q) + KL(q ‖ s) of the teacher's targ
 So ``loss − floor`` is what better view invariance could still gain, and ``floor − teacher_entropy`` is fixed by the
 temperatures and the teacher's logits.
 
-    python -m benchmarks.loss_parts runs/recipe_check/glyphs [--batches 3]
+    python -m benchmarks.research.loss_parts runs/recipe_check/glyphs [--batches 3]
 """
 
 from __future__ import annotations

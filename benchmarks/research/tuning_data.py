@@ -12,8 +12,8 @@ must work on natural image statistics too before it is checked on the held-out s
 - 2,400 training and 400 held-out images in the demo's layout, so a run with only ``data.path`` changed makes the
   same 300 steps. Training and held-out patches are independent draws from the same photographs.
 
-The held-out sets (:mod:`benchmarks.heldout_data`) stay out of all tuning.
-Usage: ``python -m benchmarks.tuning_data data/tuning/photos``.
+The held-out sets (:mod:`benchmarks.research.heldout_data`) stay out of all tuning.
+Usage: ``python -m benchmarks.research.tuning_data data/tuning/photos``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.crop_stats import _package_dir, photographs
+from benchmarks.research.crop_stats import _package_dir, photographs
 
 PHOTO_CLASSES = ("astronaut", "cat", "coffee", "rocket", "motorcycle", "hopper", "cameraman", "coins")
 

@@ -20,7 +20,7 @@ These sets check that it learns on data it was not tuned on, in the demo's forma
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8×8 scans, 10 classes; needs scikit-learn),
   upscaled bicubically to 64 px, split 80/20 at random (1,437 train, 360 held out): a real dataset of another size.
 
-Usage: ``python -m benchmarks.heldout_data glyphs data/heldout/glyphs`` writes ``train/<class>/*.jpg`` and
+Usage: ``python -m benchmarks.research.heldout_data glyphs data/heldout/glyphs`` writes ``train/<class>/*.jpg`` and
 ``val/<class>/*.jpg`` there (deterministic for a given seed).
 """
 
