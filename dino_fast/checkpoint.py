@@ -181,9 +181,11 @@ def unreadable_file(folder: Path) -> str | None:
 
 
 # Keys whose change alters the shapes of the saved weights and optimizer state: such a checkpoint cannot be loaded.
+# model.use_bn_in_head adds BatchNorm weights and buffers to the head; optim.name another optimizer state (AdamW's
+# moments, SGD's momentum_buffer, LARS's mu).
 SHAPE_KEYS = ("model.arch", "model.patch_size", "model.depth", "model.out_dim", "model.norm_last_layer",
-              "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_nlayers", "data.global_crop_size",
-              "deepspeed.zero_stage")
+              "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_nlayers", "model.use_bn_in_head",
+              "data.global_crop_size", "deepspeed.zero_stage", "optim.name")
 
 
 def check_resumable(folder: Path, cfg: Config, world_size: int, steps_per_epoch: int) -> None:
@@ -195,8 +197,11 @@ def check_resumable(folder: Path, cfg: Config, world_size: int, steps_per_epoch:
     """
     import yaml
 
-    # Compared as plain values, so a checkpoint of an older version with keys since renamed still reads.
+    # Compared as plain values, so a checkpoint of an older version with keys since renamed still reads; a key it
+    # predates (e.g. optim.name) had the value that is now its default.
     saved, now = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {}), flatten(to_dict(cfg))
+    defaults = flatten(to_dict(Config()))
+    saved = {k: saved.get(k, defaults.get(k)) for k in SHAPE_KEYS} | saved
     differ = [k for k in SHAPE_KEYS if saved.get(k) != now.get(k)]
     fresh = "or start a new run: checkpoint.resume=none, or another checkpoint.output_dir"
     if differ:

@@ -25,15 +25,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small_patch16_224"  # any timm ViT: vit_tiny_/vit_small_/vit_base_patch16_224, ...
-    patch_size: int = 0  # 0: the arch's own; e.g. 8 for small demo images
-    depth: int = 0  # 0: the arch's own number of blocks
+    # a timm ViT (vit_small_patch16_224, ...), ResNet (resnet50, ...) or XCiT (xcit_small_12_p16_224, ...)
+    arch: str = "vit_small_patch16_224"
+    patch_size: int = 0  # 0: the arch's own; e.g. 8 for small demo images (ViT, XCiT: 8 or 16)
+    depth: int = 0  # 0: the arch's own number of blocks (ViT, XCiT)
     drop_path_rate: float = 0.1  # student only; the teacher has none
     out_dim: int = 65536
     norm_last_layer: bool = True
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    use_bn_in_head: bool = False  # the reference's --use_bn_in_head: BatchNorm1d after each hidden Linear of the head
     compile: bool = False  # torch.compile the student and teacher backbones (fuses the elementwise work; CUDA)
     compile_mode: str = "default"  # with compile: default | reduce-overhead (+ CUDA graphs) | max-autotune | ...
     pretrained: str = ""  # backbone weights to start from: .safetensors, timm or reference .pth (eval/weights.py)
@@ -91,6 +93,7 @@ class DinoConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (ViTs) | sgd (momentum 0.9; the reference's ResNet-50) | lars (the reference's LARS)
     epochs: int = 100
     lr: float = 0.0005  # peak lr for a global batch of 256; scaled linearly by global batch / 256
     min_lr: float = 1e-6
@@ -168,6 +171,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.backend": ("torch", "dali", "ffcv"),
+    "optim.name": ("adamw", "sgd", "lars"),
     "dino.loss_impl": ("auto", "eager", "triton"),
     "dino.ema_impl": ("auto", "foreach", "triton"),
     "dino.centering": ("centering", "sinkhorn_knopp"),
@@ -346,6 +350,12 @@ def validate(cfg: Config) -> None:
         (not (cfg.train.cuda_graph and cfg.deepspeed.zero_stage != 0),
          "train.cuda_graph=true needs deepspeed.zero_stage=0 (ZeRO's gradient buckets cannot be captured); set "
          "model.compile=true model.compile_mode=reduce-overhead instead (CUDA graphs of the backbones only)"),
+        (not (cfg.optim.name == "lars" and cfg.deepspeed.zero_stage > 0),
+         f"optim.name=lars needs deepspeed.zero_stage=0 (ZeRO-{cfg.deepspeed.zero_stage} splits parameters into flat "
+         "partitions, which would get one trust ratio each, not one per parameter); use optim.name=sgd with ZeRO"),
+        (not (cfg.train.cuda_graph and cfg.optim.name != "adamw"),
+         f"train.cuda_graph=true applies AdamW's decoupled weight decay on the device; optim.name={cfg.optim.name} "
+         "adds its weight decay to the gradient, which the graph does not capture: set train.cuda_graph=false"),
         (not (cfg.train.cuda_graph and cfg.model.compile and cfg.model.compile_mode == "reduce-overhead"),
          "train.cuda_graph=true already captures the compiled backbones; use model.compile_mode=default with it"),
     ]

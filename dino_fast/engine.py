@@ -23,8 +23,8 @@ from dino_fast.config import Config, ConfigError, with_step_budget
 from dino_fast.dist import SlurmEnvironmentError, control_group, local_device_index, slurm_environment
 from dino_fast.eval.weights import init_from_pretrained
 from dino_fast.loss import DINOLoss
-from dino_fast.models import build_student_teacher
-from dino_fast.optim import param_groups
+from dino_fast.models import backbone_family, build_student_teacher, has_batchnorm, place_on_device
+from dino_fast.optim import build_optimizer
 from dino_fast.schedules import Schedules
 from dino_fast.step import DINOStep
 from dino_fast.teacher import TeacherEMA
@@ -143,31 +143,48 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         # rule for the groups' weight decay).
         ds["zero_optimization"]["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer, "pin_memory": True}
         ds["zero_force_ds_cpu_optimizer"] = False
+    if cfg.optim.name != "adamw":
+        # DeepSpeed lists the optimizers it tested ZeRO with (Adam/AdamW, ...); torch's SGD works on ZeRO's flat fp32
+        # partitions as on any parameters (its update is elementwise). LARS is not (config.validate refuses it).
+        ds["zero_allow_untested_optimizer"] = True
     return ds
 
 
+def check_network(cfg: Config, student: torch.nn.Module) -> None:
+    """Raise ConfigError (one line) for a feature the configured network does not have: the attention maps read a
+    plain ViT's CLS attention over its patch tokens."""
+    family = backbone_family(student.backbone)
+    if cfg.eval.attention_every_epochs and family != "vit":
+        kind = {"resnet": "a ResNet", "xcit": "an XCiT"}.get(family, "not a ViT")
+        raise ConfigError(f"eval.attention_every_epochs needs a ViT's CLS attention over patch tokens; model.arch="
+                          f"{cfg.model.arch} is {kind}: set eval.attention_every_epochs=0")
+
+
 def build_training(cfg: Config, device: torch.device, world: int, precision: str):
-    """Student (owned by a DeepSpeed engine with its AdamW), teacher, loss and EMA, as the trainer uses them.
+    """Student (owned by a DeepSpeed engine with its optimizer), teacher, loss and EMA, as the trainer uses them.
 
     Every rank builds the models from the same seed, and the teacher is copied from the student as DeepSpeed
-    broadcast it, so all ranks start identical. Returns (engine, teacher, dino_loss, ema).
+    broadcast it, so all ranks start identical. A teacher with BatchNorm stays in train mode, as the reference's
+    (which never calls ``teacher.eval()``): it normalises with its batch statistics; any other teacher is in eval
+    mode. Returns (engine, teacher, dino_loss, ema).
     """
     import deepspeed
 
     torch.manual_seed(cfg.seed)
     try:
         student, teacher = build_student_teacher(cfg.model, cfg.data.global_crop_size)
-    except ValueError as exc:  # an arch that is no (packable) timm ViT: the message names the key to change
+    except ValueError as exc:  # a network the trainer cannot build (as configured): the message names the key
         raise ConfigError(str(exc)) from None
+    check_network(cfg, student)
     init_from_pretrained(cfg, student)  # model.pretrained: before DeepSpeed copies the weights into its optimizer
-    teacher.to(device).eval()
+    student, teacher = place_on_device(student, teacher, device, world)  # SyncBatchNorm, channels_last (GPUs)
+    teacher.to(device).train(has_batchnorm(teacher))
     ncrops = 2 + cfg.data.local_crops_number
     dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.dino.student_temp, cfg.dino.center_momentum,
                          impl=cfg.dino.loss_impl, centering=cfg.dino.centering,
                          sinkhorn_iterations=cfg.dino.sinkhorn_iterations,
                          sinkhorn_queue=cfg.dino.sinkhorn_queue, device=device)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  fused=True)  # one multi-tensor kernel per group (torch has it for CPU and CUDA)
+    optimizer = build_optimizer(cfg.optim, student)  # optim.name over the reference's two param groups
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world, precision))
     # With one rank and no ZeRO, DeepSpeed would still all-reduce every gradient bucket (a copy per bucket on
@@ -201,7 +218,8 @@ def _startup_line(cfg, world, device, acc, precision, dino_loss, ema, steps_per_
     """What runs where (the paths chosen once at start-up); the trainer adds the output folder and any resume."""
     return (
         f"dino_fast: {world} rank(s) on {device.type} ({acc.communication_backend_name()}), precision {precision}, "
-        f"ZeRO-{cfg.deepspeed.zero_stage}, loss={dino_loss.impl}, ema={ema.impl}, data={cfg.data.backend}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.arch}, {cfg.optim.name}, loss={dino_loss.impl}, ema={ema.impl}, "
+        f"data={cfg.data.backend}, "
         f"{f'compiled backbones ({cfg.model.compile_mode}), ' if cfg.model.compile else ''}"
         f"{'packed crops, ' if cfg.model.packed_crops else ''}"
         f"{'whole-step CUDA graph, ' if cfg.train.cuda_graph else ''}"

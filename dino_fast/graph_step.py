@@ -17,6 +17,10 @@ Two owners, sharing the maths of :class:`dino_fast.step.DINOStep`:
 What is captured where:
 
 - one GPU, ZeRO-0 (the default): the whole step as above;
+- networks with BatchNorm (ResNets, XCiT, ``model.use_bn_in_head``) and optimizers other than AdamW: refused with a
+  one-line error. BatchNorm updates its running statistics in place each forward and SyncBatchNorm all-reduces
+  from the host's bookkeeping; SGD and LARS add their weight decay to the gradient (coupled), which the
+  device-values body below does not implement (it applies AdamW's decoupled decay);
 - ZeRO 1/2 or several ranks: refused with a one-line error. DeepSpeed's gradient buckets (ZeRO) and its all-reduce
   hooks drive host-side bookkeeping per step, which a replay would skip. The largest region that can be captured
   there is each compiled backbone's forward and backward: ``model.compile=true model.compile_mode=reduce-overhead``.
@@ -32,10 +36,22 @@ from __future__ import annotations
 import torch
 
 from dino_fast.config import ConfigError
+from dino_fast.models import has_batchnorm
 from dino_fast.schedules import Schedules, StepValues
 from dino_fast.step import DINOStep, StepMetrics
 
 FIX = "set train.cuda_graph=false (model.compile=true model.compile_mode=reduce-overhead graphs the backbones only)"
+
+
+def check_graphable_step(teacher: torch.nn.Module, optimizer) -> None:
+    """Raise ConfigError (one line) for a network or optimizer the device-values body does not implement."""
+    if has_batchnorm(teacher):
+        raise ConfigError("train.cuda_graph=true does not capture BatchNorm (this network has some: a ResNet, XCiT or "
+                          "model.use_bn_in_head=true; its running statistics update in place, SyncBatchNorm "
+                          f"all-reduces per layer); {FIX}")
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise ConfigError(f"train.cuda_graph=true implements AdamW's decoupled weight decay on the device, not "
+                          f"{type(optimizer).__name__}'s coupled one; set optim.name=adamw or train.cuda_graph=false")
 
 
 def check_graphable(device: torch.device, world: int, zero_stage: int) -> None:
@@ -66,6 +82,7 @@ class DeviceValuesStep(DINOStep):
         if cfg.deepspeed.zero_stage != 0 or not isinstance(engine.optimizer, torch.optim.Optimizer):
             raise ValueError("device-tensor schedule values need deepspeed.zero_stage=0 (the optimizer must update "
                              "the module's own parameters)")
+        check_graphable_step(teacher, engine.optimizer)
         if capturable:
             for group in engine.optimizer.param_groups:
                 group["capturable"] = True
@@ -114,6 +131,7 @@ class CudaGraphStep(DeviceValuesStep):
 
     def __init__(self, engine, teacher: torch.nn.Module, dino_loss, ema, cfg, *, precision: str,
                  schedules: Schedules, world: int = 1):
+        check_graphable_step(teacher, engine.optimizer)  # first: what no device would change
         check_graphable(dino_loss.center.device, world, cfg.deepspeed.zero_stage)
         super().__init__(engine, teacher, dino_loss, ema, cfg, precision=precision, schedules=schedules)
         self._key = None

@@ -17,7 +17,12 @@ class TeacherEMA:
     environment variable ``DINO_FAST_EMA`` overrides it, auto is the Triton kernel on CUDA, else foreach.
 
     With "triton" it owns the fused path's :class:`dino_fast.ops.ema.FlatEMA` (``flat``), laid out at the first
-    update: from then on the teacher's parameters are views into its flat fp32 buffer.
+    update: from then on the teacher's parameters are views into its flat fp32 buffer. Student parameters in another
+    memory format than the contiguous one (a ResNet's channels_last convolution weights on a GPU) are left out of
+    it and averaged with the foreach lerp, in their own layout.
+
+    Buffers (BatchNorm's running statistics) are never averaged: a teacher with BatchNorm keeps its own, from its
+    own forwards, as the reference's does.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, impl: str = "auto"):
@@ -36,6 +41,7 @@ class TeacherEMA:
                 raise ValueError("the student's parameters are partitioned (ZeRO-3); use deepspeed.zero_stage ≤ 2")
         self.impl = select.ema_impl(impl, self.teacher_params[0].device)
         self.flat: FlatEMA | None = None
+        self._strided: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # the pairs the flat path leaves out
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
@@ -43,6 +49,8 @@ class TeacherEMA:
             select.EMA[self.impl].update(self.teacher_params, self.student_params, float(momentum))
             return
         self._flat().update(momentum)
+        if self._strided[0]:
+            select.EMA["foreach"].update(*self._strided, float(momentum))
 
     @torch.no_grad()
     def update_on_device(self, weights: torch.Tensor) -> None:
@@ -53,8 +61,14 @@ class TeacherEMA:
             select.EMA[self.impl].update_on_device(self.teacher_params, self.student_params, weights)
             return
         self._flat().update_on_device(weights)
+        if self._strided[0]:
+            select.EMA["foreach"].update_on_device(*self._strided, weights)
 
     def _flat(self) -> FlatEMA:
         if self.flat is None:  # at the first update, after DeepSpeed has laid out the student's buffers
-            self.flat = FlatEMA(self.teacher_params, self.student_params)
+            pairs = list(zip(self.teacher_params, self.student_params))
+            flat = [(t, s) for t, s in pairs if s.is_contiguous()]
+            strided = [(t, s) for t, s in pairs if not s.is_contiguous()]
+            self._strided = ([t for t, _ in strided], [s for _, s in strided])
+            self.flat = FlatEMA([t for t, _ in flat], [s for _, s in flat])
         return self.flat

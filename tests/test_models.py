@@ -60,3 +60,17 @@ def test_teacher_starts_as_student_without_drop_path_or_grads():
     assert student.backbone.blocks[1].drop_path1.drop_prob > 0
     assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in teacher.backbone.blocks)
     assert student.head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_bn_head_has_the_references_layout():
+    """model.use_bn_in_head: vision_transformer.DINOHead(use_bn=True): Linear → BatchNorm1d → GELU per hidden layer,
+    the Linear layers initialised as without BatchNorm (same draws), none with a single layer."""
+    torch.manual_seed(0)
+    plain = DINOHead(16, 10, nlayers=3, hidden_dim=8, bottleneck_dim=4)
+    torch.manual_seed(0)
+    bn = DINOHead(16, 10, nlayers=3, hidden_dim=8, bottleneck_dim=4, use_bn=True)
+    assert [type(m).__name__ for m in bn.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU",
+                                                  "Linear"]
+    assert torch.equal(bn.mlp[0].weight, plain.mlp[0].weight) and torch.equal(bn.mlp[3].weight, plain.mlp[2].weight)
+    assert torch.equal(bn.mlp[1].weight, torch.ones(8)) and torch.equal(bn.mlp[1].bias, torch.zeros(8))
+    assert isinstance(DINOHead(16, 10, nlayers=1, use_bn=True).mlp, torch.nn.Linear)  # the reference: no BN then

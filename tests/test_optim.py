@@ -91,3 +91,21 @@ def test_clipping_reaches_deepspeed_gradients_under_every_zero_stage(stage):
         torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-9)
     assert max(g.norm().item() for g in after) <= 0.01 + 1e-6 < max(g.norm().item() for g in before)
     engine.step()
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_build_optimizer_keeps_the_reference_groups_and_settings(name, kind):
+    """optim.name: the same two groups (lr 0 until the schedule sets it, no decay on the second); AdamW fused with
+    the config's betas and eps, SGD with the reference's momentum 0.9 (the LARS rule: tests/test_lars.py)."""
+    from dino_fast.config import load_config
+    from dino_fast.optim import build_optimizer
+
+    model = Tiny()
+    opt = build_optimizer(load_config(None, [f"optim.name={name}"]).optim, model)
+    assert type(opt) is kind and [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in param_groups(model)]
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    if name == "adamw":
+        assert opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    else:
+        assert opt.defaults["momentum"] == 0.9 and not opt.defaults["nesterov"]

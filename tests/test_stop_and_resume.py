@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from dino_fast.checkpoint import CheckpointError
 from dino_fast.config import load_config
 from dino_fast.train import train
 
@@ -124,6 +125,22 @@ def test_resume_refuses_another_model_shape_and_another_global_batch(tiny_overri
     assert "set data.batch_size_per_gpu=8" in err
     assert {p.name: p.stat().st_mtime_ns for p in ckpt_dir(run, 2).iterdir()} == before
     assert latest_tag(run) == "step_00000002"
+
+
+def test_a_checkpoint_from_before_a_shape_key_existed_resumes(tiny_overrides, tmp_path):
+    """optim.name and model.use_bn_in_head came after checkpoints were written without them: such a checkpoint had
+    their defaults (AdamW, no BatchNorm head) and resumes; another value is refused."""
+    run = tmp_path / "run"
+    common = tiny_overrides + [f"checkpoint.output_dir={run}", "checkpoint.every_steps=1"]
+    train(load_config(None, common + ["optim.max_steps=2"]))
+    for ckpt in (ckpt_dir(run, 1), ckpt_dir(run, 2)):
+        text = (ckpt / "config.yaml").read_text()
+        old = "\n".join(line for line in text.splitlines() if not line.strip().startswith(("name:", "use_bn_in_head:")))
+        (ckpt / "config.yaml").write_text(old + "\n")
+    train(load_config(None, common + ["optim.max_steps=3", "checkpoint.resume=auto"]))
+    assert latest_tag(run) == "step_00000003"
+    with pytest.raises(CheckpointError, match="optim.name='adamw' \\(this run: 'sgd'\\)"):
+        train(load_config(None, common + ["optim.max_steps=4", "checkpoint.resume=auto", "optim.name=sgd"]))
 
 
 def test_resume_passes_over_a_checkpoint_that_does_not_read_back(tiny_overrides, tmp_path):

@@ -177,3 +177,106 @@ def test_pretrained_starts_student_and_teacher_of_a_zero1_run(tmp_path, tiny_ove
         torch.testing.assert_close(teacher[f"backbone.{k}"], v, rtol=0, atol=2e-3, msg=k)
         torch.testing.assert_close(student[f"backbone.{k}"], v, rtol=0, atol=2e-3, msg=k)
     assert any(not torch.equal(student[f"backbone.{k}"], v) for k, v in sd.items())  # it did train
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    """Running statistics and affine values away from their init, so eval-mode features depend on every buffer."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_released_resnet50_layout_loads_with_torchvisions_features(tmp_path):
+    """The reference's dino_resnet50_pretrain.pth is a torchvision resnet50 state dict without ``fc`` (hubconf.py
+    loads it into ``resnet50()`` with ``fc = Identity``). Built here from torchvision's own model: timm's resnet50 has
+    the same keys, and loads the file strictly with torchvision's features; a classifier's fc.* is dropped."""
+    import torchvision
+
+    torch.manual_seed(5)
+    tv = torchvision.models.resnet50()
+    _randomise_batchnorm(tv)
+    sd = {k: v.clone() for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    assert set(sd) == set(timm.create_model("resnet50", num_classes=0).state_dict())
+    torch.save(sd, tmp_path / "dino_resnet50_pretrain.pth")
+    torch.save(tv.state_dict(), tmp_path / "torchvision_classifier.pth")
+    tv.fc = torch.nn.Identity()
+    tv.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = tv(x)
+        for name in ("dino_resnet50_pretrain.pth", "torchvision_classifier.pth"):
+            model, arch = backbone_from_weights(tmp_path / name)
+            assert arch == "resnet50" and model.num_features == 2048
+            assert _relative(model(x), want) <= 1e-5
+    cfg = load_config(None, ["model.arch=resnet50", "model.patch_size=0", "model.depth=0", "model.out_dim=64",
+                             "logging.progress=none", f"model.pretrained={tmp_path / 'dino_resnet50_pretrain.pth'}"])
+    student, _ = build_student_teacher(cfg.model, 224)
+    init_from_pretrained(cfg, student)
+    got = student.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+def _official_xcit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's XCiT state dict in the official facebookresearch/xcit layout (xcit.py): the position encoder is
+    ``pos_embeder``, a class-attention block holds one ``attn.qkv`` with rows [q; k; v]."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn.q." in k and k.startswith("cls_attn_blocks."):
+            parts = [sd[k.replace(".attn.q.", f".attn.{n}.")] for n in "qkv"]
+            out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts)
+        elif k.startswith("cls_attn_blocks.") and (".attn.k." in k or ".attn.v." in k):
+            continue
+        else:
+            out[k.replace("pos_embed.", "pos_embeder.", 1) if k.startswith("pos_embed.") else k] = v.clone()
+    return out
+
+
+def test_released_xcit_layout_loads_with_timms_features(tmp_path):
+    """The reference's dino_xcit_*_pretrain.pth are official-XCiT state dicts (num_classes=0, loaded strictly by
+    hubconf.py); the reference's full checkpoint holds them under teacher/module.backbone. Both load into timm's XCiT
+    with its features."""
+    torch.manual_seed(6)
+    source = timm.create_model("xcit_nano_12_p16_224", pretrained=False, num_classes=0, depth=2)
+    _randomise_batchnorm(source)
+    source.eval()
+    official = _official_xcit(source.state_dict())
+    assert {"pos_embeder.token_projection.weight", "cls_attn_blocks.0.attn.qkv.weight",
+            "cls_attn_blocks.1.attn.qkv.bias"} <= set(official)
+    assert not any(".attn.q." in k or k.startswith("pos_embed.") for k in official)
+    torch.save(official, tmp_path / "dino_xcit_nano_pretrain.pth")
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in official.items()}, "epoch": 1},
+               tmp_path / "checkpoint.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = source(x)
+        for name in ("dino_xcit_nano_pretrain.pth", "checkpoint.pth"):
+            model, arch = backbone_from_weights(tmp_path / name)
+            assert arch == "xcit_nano_12_p16_224"  # by its width; depth and patch from the file
+            assert _relative(model(x), want) <= 1e-5
+    cfg = load_config(None, ["model.arch=xcit_nano_12_p16_224", "model.patch_size=0", "model.depth=2",
+                             "model.out_dim=64", "logging.progress=none",
+                             f"model.pretrained={tmp_path / 'dino_xcit_nano_pretrain.pth'}"])
+    student, _ = build_student_teacher(cfg.model, 224)
+    init_from_pretrained(cfg, student)
+    with torch.no_grad():
+        assert _relative(student.backbone.eval()(x), want) <= 1e-5
+
+
+def test_a_resnet_of_another_depth_is_one_line(tmp_path):
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "r18.pth")
+    cfg = load_config(None, ["model.arch=resnet50", "model.patch_size=0", "model.depth=0", "model.out_dim=64",
+                             "logging.progress=none", f"model.pretrained={tmp_path / 'r18.pth'}"])
+    student, _ = build_student_teacher(cfg.model, 224)
+    with pytest.raises(ConfigError) as exc:
+        init_from_pretrained(cfg, student)
+    msg = str(exc.value)
+    assert "\n" not in msg and "file: ResNet of 512 features, basic blocks [2, 2, 2, 2]" in msg
+    assert "model: ResNet of 2048 features, bottleneck blocks [3, 4, 6, 3]" in msg and "set model.arch=resnet18" in msg

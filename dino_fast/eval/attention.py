@@ -32,6 +32,17 @@ from pipelines.spec import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 _CMAP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float64)
 
 
+def check_vit(backbone: nn.Module) -> None:
+    """Raise ValueError (one line) unless ``backbone`` is a plain ViT: the maps are its CLS attention over patches."""
+    from dino_fast.models import backbone_family
+
+    family = backbone_family(backbone)
+    if family != "vit":
+        raise ValueError(f"attention maps need a ViT's CLS attention over its patch tokens; this backbone is "
+                         f"{'a ResNet' if family == 'resnet' else 'an XCiT' if family == 'xcit' else 'not a ViT'} "
+                         f"({type(backbone).__name__})")
+
+
 @torch.no_grad()
 def last_block_attention(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Softmax attention of the last block of a timm ViT, all tokens: [B, 3, H, W] → [B, heads, T, T] (float32).
@@ -134,6 +145,7 @@ def attention_figure(backbone: nn.Module, files: list[str], *, size: int, mass: 
 
     Images are upscaled by a whole factor to at least ``min_side`` px so that a 64 px image stays readable.
     """
+    check_vit(backbone)
     was_training = backbone.training
     backbone.eval()
     patch = backbone.patch_embed.patch_size[0]

@@ -2,10 +2,11 @@
 
 ``dino-fast-export --checkpoint RUN --out OUT [--format timm|transformers|onnx] [--which student] [--head]``:
 
-- ``timm`` (default): a ``.safetensors`` file with the timm ``VisionTransformer`` state dict (``cls_token``,
-  ``pos_embed``, ``patch_embed.*``, ``blocks.*``, ``norm.*``; no classifier) and, in its metadata, the arch and
-  the timm kwargs the model was built with (``img_size`` = the global crop size, so ``pos_embed`` keeps its trained
-  grid, ``dynamic_img_size``, and any ``patch_size``/``depth`` override). ``--head`` also writes the DINO head.
+- ``timm`` (default): a ``.safetensors`` file with the timm backbone's state dict (a ``VisionTransformer``'s
+  ``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``, ``norm.*``; a ResNet's or an XCiT's own keys; no
+  classifier) and, in its metadata, the arch and the timm kwargs the model was built with (for a ViT ``img_size`` =
+  the global crop size, so ``pos_embed`` keeps its trained grid, ``dynamic_img_size``, and any
+  ``patch_size``/``depth`` override; ``dino_fast.models.timm_arch_kwargs``). ``--head`` also writes the DINO head.
   Loads strictly (no missing or unexpected keys) with::
 
     timm.create_model(arch, pretrained=True, num_classes=0, **timm_kwargs,
@@ -15,7 +16,8 @@
   DINO's eval preprocessing (ImageNet mean/std, bicubic, crop_pct 0.875) so that
   ``timm.data.resolve_data_config(model=m)`` gives the k-NN transform. The CLI prints the exact call.
 - ``transformers``: a new folder with ``config.json`` + ``model.safetensors`` (:mod:`dino_fast.eval.hf_export`);
-  ``ViTModel.from_pretrained(DIR, add_pooling_layer=False)``, feature = ``last_hidden_state[:, 0]``.
+  ``ViTModel.from_pretrained(DIR, add_pooling_layer=False)``, feature = ``last_hidden_state[:, 0]``. ViTs only (a
+  ResNet or an XCiT is refused in one line: use the timm or ONNX format).
 - ``onnx``: one ``.onnx`` file (:mod:`dino_fast.eval.onnx_export`), ``pixel_values`` [batch, 3, S, S] →
   ``features`` [batch, D], S = the global crop size; ``onnxruntime.InferenceSession(FILE)``.
 
@@ -44,6 +46,7 @@ from dino_fast import __version__
 from dino_fast.checkpoint import CheckpointError
 from dino_fast.config import Config, ConfigError, from_dict
 from dino_fast.eval import hf_export, onnx_export
+from dino_fast.models import arch_family, timm_arch_kwargs
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
@@ -145,14 +148,12 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def timm_kwargs(cfg: Config) -> dict[str, Any]:
-    """The ``timm.create_model`` kwargs that rebuild the run's backbone (mirrors ``models.build_backbone``)."""
-    kwargs: dict[str, Any] = {"img_size": cfg.data.global_crop_size, "dynamic_img_size": True,
-                              "global_pool": "token"}
-    if cfg.model.patch_size:
-        kwargs["patch_size"] = cfg.model.patch_size
-    if cfg.model.depth:
-        kwargs["depth"] = cfg.model.depth
-    return kwargs
+    """The ``timm.create_model`` kwargs that rebuild the run's backbone (those of ``models.build_backbone``)."""
+    m = cfg.model
+    try:
+        return timm_arch_kwargs(arch_family(m.arch), cfg.data.global_crop_size, m.patch_size, m.depth)
+    except ValueError as exc:  # a config no training run could have written
+        raise CheckpointError(f"the run config names a model the trainer cannot build: {exc}") from None
 
 
 def pretrained_overlay(path: str | Path, model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +222,8 @@ def export_head(head_state_dict: dict[str, torch.Tensor], path: str | Path, cfg:
     m = cfg.model
     args = {"in_dim": in_dim, "out_dim": m.out_dim, "norm_last_layer": m.norm_last_layer, "nlayers": m.head_nlayers,
             "hidden_dim": m.head_hidden_dim, "bottleneck_dim": m.head_bottleneck_dim}
+    if m.use_bn_in_head:
+        args["use_bn"] = True
     sd = {k: v.detach().to("cpu").contiguous() for k, v in head_state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"format": "pt", "dino_head_kwargs": json.dumps(args),
@@ -297,7 +300,8 @@ def _export_timm(ckpt: Checkpoint, out: Path, head: str | None, which: str) -> l
         if not head_sd:
             raise CheckpointError(f"'{ckpt.path}' holds no head.* weights to export")
         head_path = Path(head) if head else out.with_name(out.stem + "_head.safetensors")
-        export_head(head_sd, head_path, ckpt.config, int(backbone_sd["cls_token"].shape[-1]))
+        first = head_sd.get("mlp.0.weight", head_sd.get("mlp.weight"))  # the head's first Linear: [hidden, in_dim]
+        export_head(head_sd, head_path, ckpt.config, int(first.shape[1]))
         lines.append(f"exported DINO head → {head_path} (DINOHead kwargs in its metadata 'dino_head_kwargs')")
     return [*lines, "load it with:\n  import timm\n  model = " + call]
 

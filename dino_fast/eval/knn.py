@@ -89,6 +89,9 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised CLS features of every image, with the eval transform (resize bicubic → center crop → normalise).
 
+    The feature is the backbone's output in eval mode: a ViT's or XCiT's CLS token after the final norm, a ResNet's
+    pooled feature (as the reference's ``eval_knn.py`` takes ``model(images)`` for every family).
+
     ``features_fn`` (images → [B, D]) replaces the normalised CLS feature (the linear probe's unnormalised
     concatenations of several blocks' tokens).
 
@@ -103,10 +106,11 @@ def extract_features(backbone: nn.Module, folder_or_imagelist: str | Path | Imag
     """
     images = folder_or_imagelist if isinstance(folder_or_imagelist, ImageList) else list_images(folder_or_imagelist)
     device = torch.device(device)
-    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
-    if patch is not None and crop % patch[0]:
-        raise ValueError(f"crop size {crop} is not a multiple of the model's patch size {patch[0]}; pick e.g. "
-                         f"{crop - crop % patch[0] or patch[0]}")
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)  # none for a ResNet
+    patch = patch if patch is None or isinstance(patch, int) else patch[0]  # an int for XCiT, a pair for a ViT
+    if patch is not None and crop % patch:
+        raise ValueError(f"crop size {crop} is not a multiple of the model's patch size {patch}; pick e.g. "
+                         f"{crop - crop % patch or patch}")
     files, labels = images.files[rank::world_size], images.labels[rank::world_size]
     loader = DataLoader(_EvalImages(files, labels, resize, crop), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
@@ -280,7 +284,11 @@ def check_knn_split(cfg) -> None:
 
 
 def periodic_knn(cfg, teacher: torch.nn.Module, device: torch.device, rank: int, world: int) -> dict:
-    """Weighted k-NN accuracy of the teacher backbone on the held-out split (every rank takes part)."""
+    """Weighted k-NN accuracy of the teacher backbone on the held-out split (every rank takes part).
+
+    The backbone runs in eval mode (BatchNorm on its running statistics) and is put back in the mode it was in
+    (:func:`extract_features`): a teacher with BatchNorm trains in train mode, as the reference's.
+    """
     from pipelines.build import resolve_data_path
 
     size = cfg.data.global_crop_size

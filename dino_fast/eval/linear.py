@@ -3,6 +3,8 @@
 Features (the reference's ``eval_linear.py``): the final norm applied to the outputs of the last ``n`` blocks; the
 CLS tokens of those blocks concatenated, and with ``avgpool`` also the mean of the last block's patch tokens. The
 reference uses n=4 without avgpool for ViT-S and n=1 with avgpool for ViT-B (``auto``: by width, < 768 → ViT-S's).
+A ResNet or an XCiT is probed on its output, as the reference does (``model(images)``: the pooled feature, the CLS
+token after the final norm): the layout ``pooled`` (n = 0); ``n_last_blocks`` and ``avgpool`` apply to ViTs.
 
 - Reference protocol (``dino-fast-linear``): one linear layer (weights N(0, 0.01), bias 0) trained with SGD,
   momentum 0.9, weight decay 0, lr 0.001 × batch / 256, cosine to 0 over 100 epochs (stepped per epoch) on
@@ -36,6 +38,7 @@ from torchvision import transforms
 from dino_fast.checkpoint import CheckpointError
 from dino_fast.eval.knn import _labelled_pair, extract_features
 from dino_fast.eval.weights import add_source_args, load_source
+from dino_fast.models import backbone_family
 from pipelines.folder import DataError, ImageList
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -44,17 +47,31 @@ DEFAULT_WDS = (0.0, 1e-4, 1e-3)
 LAYOUTS = ((4, False), (1, True), (1, False), (4, True))  # (n_last_blocks, avgpool): the fast mode's grid
 
 
+POOLED = (0, False)  # the layout of a network that is not a plain ViT: its output
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    """Whether the block layouts apply: a timm VisionTransformer (else the network's output is probed)."""
+    return backbone_family(backbone) == "vit"
+
+
 def default_layout(backbone: nn.Module) -> tuple[int, bool]:
-    """The reference's choice: ViT-S (and smaller) → 4 CLS tokens; ViT-B and wider → last CLS + pooled patches."""
+    """The reference's choice: ViT-S (and smaller) → 4 CLS tokens; ViT-B and wider → last CLS + pooled patches;
+    another network → its output (:data:`POOLED`)."""
+    if not is_vit(backbone):
+        return POOLED
     return (1, True) if backbone.embed_dim >= 768 else (4, False)
 
 
 def layout_name(n: int, avgpool: bool) -> str:
-    return f"cls{n}" + ("+avgpool" if avgpool else "")
+    return "pooled" if n == 0 else f"cls{n}" + ("+avgpool" if avgpool else "")
 
 
 def block_features(backbone: nn.Module, x: torch.Tensor, n: int, avgpool: bool) -> torch.Tensor:
-    """[B, D·(n + avgpool)]: normed CLS tokens of the last ``n`` blocks (oldest first), then the pooled patches."""
+    """[B, D·(n + avgpool)]: normed CLS tokens of the last ``n`` blocks (oldest first), then the pooled patches;
+    with ``n`` = 0 the backbone's output [B, D] (:data:`POOLED`)."""
+    if n == 0:
+        return backbone(x)
     outs = backbone.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC",
                                           intermediates_only=True)
     parts = [prefix[:, 0] for _, prefix in outs]
@@ -157,12 +174,15 @@ def linear_fast(backbone: nn.Module, train_dir: str | Path | ImageList, val_dir:
     if not 0 <= holdout < 1:
         raise ValueError(f"--holdout must be in [0, 1), got {holdout}")
     train, val = _labelled_pair(train_dir, val_dir)
-    depth, dim = len(backbone.blocks), backbone.embed_dim
-    layouts = [(n, a) for n, a in layouts if n <= depth]
-    m = max(n for n, _ in layouts)
+    if is_vit(backbone):
+        depth, dim = len(backbone.blocks), backbone.embed_dim
+        layouts = [(n, a) for n, a in layouts if n <= depth]
+        m, cached = max(n for n, _ in layouts), True
+    else:  # the network's output, cached as is (one layout)
+        dim, layouts, m, cached = backbone.num_features, [POOLED], 0, False
     t0 = time.perf_counter()
     common = dict(resize=resize, crop=crop, batch_size=128, num_workers=num_workers, device=device,
-                  progress=progress, features_fn=lambda x: block_features(backbone, x, m, True))
+                  progress=progress, features_fn=lambda x: block_features(backbone, x, m, cached))
     x_tr, y_tr = extract_features(backbone, train, description="linear train features", **common)
     x_va, y_va = extract_features(backbone, val, description="linear val features", **common)
     t_feat, cpu0 = time.perf_counter() - t0, time.process_time()
@@ -172,7 +192,7 @@ def linear_fast(backbone: nn.Module, train_dir: str | Path | ImageList, val_dir:
     rows = []
     for n, avgpool in layouts:
         def cols(f: torch.Tensor, n=n, avgpool=avgpool) -> torch.Tensor:
-            return _slice(f, dim, n, avgpool)
+            return _slice(f, dim, n, avgpool) if cached else f
 
         grid = train_heads(cols(x_tr[fit]), y_tr[fit], len(train.classes), [lr * scale for lr, _ in settings],
                            [wd for _, wd in settings], epochs=epochs, batch_size=batch_size, seed=seed)
@@ -227,7 +247,10 @@ def linear_full(backbone: nn.Module, train_dir: str | Path | ImageList, val_dir:
     Returns {"top1", "top5" (of the best evaluation), "best_epoch", "history": [...], "seconds"}.
     """
     train, val = _labelled_pair(train_dir, val_dir)
-    if n_last_blocks > len(backbone.blocks):
+    if not is_vit(backbone) and (n_last_blocks, avgpool) != POOLED:
+        raise ValueError(f"--n-last-blocks and --avgpool apply to ViTs; a {type(backbone).__name__} is probed on its "
+                         f"output (drop them)")
+    if is_vit(backbone) and n_last_blocks > len(backbone.blocks):
         raise ValueError(f"--n-last-blocks {n_last_blocks} > the model's {len(backbone.blocks)} blocks")
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -312,6 +335,9 @@ def _run(args: argparse.Namespace) -> tuple[dict, str]:
     backbone.to(device)
     common = dict(epochs=args.epochs, resize=args.resize, crop=args.crop, num_workers=args.workers, device=device,
                   seed=args.seed)
+    if not is_vit(backbone) and (args.n_last_blocks or args.avgpool == "true"):
+        raise ValueError(f"--n-last-blocks and --avgpool apply to ViTs; a {type(backbone).__name__} is probed on its "
+                         f"output (drop them)")
     if args.fast:
         layouts = LAYOUTS
         if args.n_last_blocks or args.avgpool != "auto":  # a fixed layout: the grid is over lr and wd only
