@@ -1,7 +1,8 @@
 """Every benchmark of the project in one run (``make bench``), then one summary table; or the README's table.
 
-``make bench`` runs bench_loss, bench_ema, bench_loaders, bench_train, bench_augment and bench_profile
-(``--quick`` on a CPU, full on a GPU) as separate processes, so one failing benchmark does not lose the others.
+``make bench`` runs bench_loss, bench_ema, bench_loaders, bench_train (a ViT's step, then ResNet-50's),
+bench_augment and bench_profile (``--quick`` on a CPU, full on a GPU) as separate processes, so one failing
+benchmark does not lose the others.
 Their records (the JSON files of ``benchmarks.common.SCHEMA``) go to ``benchmarks/results/local/`` (untracked; or
 ``$OUT``, or ``--out-dir``), and the summary of that folder is printed and written there (``summary.md``,
 ``summary.png``): each headline row against its baseline row measured in the same run (throughput ratio,
@@ -33,6 +34,12 @@ from benchmarks.common import RESULTS_DIR, SCHEMA, baseline_row, fmt, throughput
 LOCAL = RESULTS_DIR / "local"  # git-ignored: what `make bench` measures on the user's machine
 README = Path(__file__).resolve().parents[1] / "README.md"
 BENCHES = ("bench_loss", "bench_ema", "bench_loaders", "bench_train", "bench_augment", "bench_profile")
+# The paper's ResNet-50 recipe's step (SGD, no drop-path) against the reference step, a second bench_train run: at
+# 2x224+10x96, B=64 on a GPU; on a CPU at 2x96+4x48, B=8 (bench_train's --quick shapes are a ViT's).
+RESNET50 = ["--archs", "resnet50", "--providers", "ours,reference", "--set", "optim.name=sgd",
+            "model.drop_path_rate=0", "--name", "train_resnet50"]
+RESNET50_QUICK = ["--batch", "8", "--locals", "4", "--global-size", "96", "--local-size", "48", "--steps", "5",
+                  "--warmup", "2"]
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 Row = tuple[str, str, str, str, str, str]  # device, date, piece, ours, reference, ratio
 
@@ -41,9 +48,11 @@ def run_benchmarks(quick: bool, out_dir: Path) -> dict[str, int]:
     """Each benchmark in its own process; every one writes its record into ``out_dir`` (``$OUT`` is the folder
     ``benchmarks.common.results_path`` writes to when a benchmark is given no ``--out``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {name: [f"benchmarks.{name}", *(["--quick"] if quick else [])] for name in BENCHES}
+    runs["bench_train resnet50"] = ["benchmarks.bench_train", *RESNET50, *(RESNET50_QUICK if quick else [])]
     codes = {}
-    for name in BENCHES:
-        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else [])
+    for name, args in runs.items():
+        cmd = [sys.executable, "-m", *args]
         print(f"=== {' '.join(cmd)}", flush=True)
         codes[name] = subprocess.run(cmd, env={**os.environ, "OUT": str(out_dir)}).returncode
     return codes

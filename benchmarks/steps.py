@@ -15,7 +15,8 @@ clipping, the optimizer step and the teacher EMA. Providers:
 - ``ours-ckpt``: ``model.grad_checkpointing=true``, the student's blocks recomputed in the backward (less memory);
 - ``reference``: the reference step written from DINO_SPEC in plain PyTorch as the reference does it: the eager
   2·(ncrops−1)-pair loss, fp16 autocast + GradScaler (GPU), per-parameter clipping with one host sync per parameter,
-  the per-parameter EMA loop, torch AdamW with default settings.
+  the per-parameter EMA loop, torch AdamW with default settings (or, with ``optim.name``, the reference's SGD or
+  LARS: a ResNet's row), the teacher in train mode when it has BatchNorm, as the reference's.
 - ``reference-repo`` (with a checkout of facebookresearch/dino): its DINOLoss, clip_gradients,
   cancel_gradients_last_layer, ViT and head imported from that path and timed directly.
 """
@@ -32,9 +33,9 @@ import torch
 
 from benchmarks.reference import ReferenceDINOLoss
 from dino_fast.config import Config, apply_overrides, load_config
-from dino_fast.models import build_student_teacher
+from dino_fast.models import build_student_teacher, has_batchnorm
 from dino_fast.ops.reference import ema_reference_loop
-from dino_fast.optim import param_groups
+from dino_fast.optim import build_optimizer, param_groups
 
 # provider → the config overrides of OursStep (the variant matrix of the decision run, benchmarks/gpu/gpu_check.sh).
 OURS_PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -149,8 +150,14 @@ class ReferenceStep:
             precision = "fp16 autocast + GradScaler" if device.type == "cuda" else "fp32"
             self.describe = f"eager pair loop, {precision}, per-param clip/EMA loops"
         self.student.to(device).train()
-        self.teacher.to(device).eval()
-        self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4)
+        self.teacher.to(device).train(has_batchnorm(self.teacher))  # the reference never calls teacher.eval()
+        # optim.name as main_dino.py --optimizer: torch's AdamW (default settings), SGD (momentum 0.9) or its LARS
+        if cfg.optim.name == "adamw":
+            self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4)
+        else:
+            self.opt = build_optimizer(cfg.optim, self.student)
+            for group in self.opt.param_groups:
+                group["lr"] = 1e-4
         self.amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         names = [n for n, _ in self.student.named_parameters()]

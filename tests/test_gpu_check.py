@@ -26,7 +26,7 @@ NEEDS_CUDA = ("needs a CUDA GPU", "needs CUDA")  # the only errors a CPU rehears
 FILES = {"decision": {"gpu_check.log", "summary.json", "gate.json", "decision_cpu.json", "memory_cpu.json",
                       "bench_ema_cpu.json", "cuda_tests.xml"},
          "data": {"gpu_check.log", "summary.json", "loaders.json", "train_ffcv.json", "dali_gpu.json"}}
-STEPS = {"decision": ["env", "gate", "decision-s", "decision-b", "memory", "ema", "cuda-tests", "compiled"],
+STEPS = {"decision": ["env", "gate", "decision-s", "decision-b", "memory", "resnet", "ema", "cuda-tests", "compiled"],
          "data": ["ffcv-import", "loaders", "train-ffcv", "dali-gpu"]}
 
 
@@ -63,7 +63,8 @@ def test_every_step_of_the_gpu_check_runs_on_cpu_and_writes_its_file(part, tmp_p
         decision = json.loads((tmp_path / "decision_cpu.json").read_text())
         providers = {r["provider"] for r in decision["rows"]}
         assert {"ours", "ours-packed", "ours-graph", "ours-packed-graph", "reference", "ours-best"} <= providers
-        assert {r["extra"]["batch"] for r in decision["rows"]} == {4, 8, 16}  # the three parts appended, not replaced
+        assert {r["extra"]["batch"] for r in decision["rows"]} == {4, 8, 16}  # the parts appended, not replaced
+        assert {r["provider"] for r in decision["rows"] if r["extra"]["arch"] == "resnet18"} == {"ours", "reference"}
         memory = json.loads((tmp_path / "memory_cpu.json").read_text())["rows"]
         archs = ("vit_small_patch16_224", "vit_base_patch16_224")  # the rehearsal's stand-ins for ViT-B and ViT-L
         assert {(r["extra"]["arch"], r["provider"]) for r in memory} == {(a, p) for a in archs

@@ -21,10 +21,11 @@
 #              reference, reference-repo (18 rows)                                               ~ 115 s
 #              ViT-B/16 B 64, 128 x ours, ours-graph, ours-packed-graph, reference (8 rows)      ~ 60 s
 #   memory     ViT-B/16 and ViT-L/16 B=64 x ours, ours-ckpt (img/s and peak GiB; ViT-L ~3x ViT-B) ~ 50 s
+#   resnet     ResNet-50 (SGD, channels_last) B=64 x ours, reference (into the decision file)     ~ 25 s
 #   ema        the graph step's EMA: foreach lerp vs the Triton kernel, both momentum on device  ~ 15 s
 #   cuda-tests the CUDA tests of the kernels and the step (pytest -m cuda; 21 s on the H100)    ~ 30 s
 #   compiled   ours-best (compiled + packed + whole-step graph) at ViT-S/16 B=128                 ~ 85 s
-#                                                                                       total    ~ 396 s
+#                                                                                       total    ~ 421 s
 # The rows are 2x224+10x96, K=65536, bf16 (the reference: fp16 + GradScaler), synthetic crops on the device.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -73,6 +74,7 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD within LIMIT_S and the command's 
 # The shapes: the real ones, or tiny ones for the rehearsal (the same steps, arguments and files).
 S=vit_small_patch16_224 B=vit_base_patch16_224 L=vit_large_patch16_224
 SHAPE=(--locals 10 --global-size 224 --local-size 96 --out-dim 65536)
+R=resnet50 R_SHAPE=("${SHAPE[@]}" --set optim.name=sgd model.drop_path_rate=0)
 STEPS=(--steps 5 --warmup 2)
 EMA_ARGS=()
 BS_S=128,64,256 BS_B=64,128 B_MID=128 B_MEM=64
@@ -80,6 +82,8 @@ if [ "$REHEARSAL" = 1 ]; then
   S=vit_tiny_patch16_224 B=vit_small_patch16_224 L=vit_base_patch16_224
   SHAPE=(--locals 2 --global-size 32 --local-size 16 --out-dim 256 --set model.depth=1 model.head_hidden_dim=64
          model.head_bottleneck_dim=32)
+  R=resnet18 R_SHAPE=(--locals 2 --global-size 32 --local-size 16 --out-dim 256 --set optim.name=sgd
+                      model.drop_path_rate=0 model.head_hidden_dim=64 model.head_bottleneck_dim=32)
   STEPS=(--steps 1 --warmup 1)
   EMA_ARGS=(--quick --iters 2)
   BS_S=8,4,16 BS_B=4,8 B_MID=8 B_MEM=4
@@ -108,6 +112,9 @@ print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'tim
   # and peak memory side by side (a configuration predicted not to fit is recorded as such, not run).
   step memory 90 $PY -m benchmarks.bench_train --archs $B,$L --batches $B_MEM --modes synthetic \
     --providers ours,ours-ckpt "${SHAPE[@]}" "${STEPS[@]}" --name memory
+  # The paper's ResNet-50 recipe (SGD, channels_last, bf16) against the reference step, into the decision file.
+  step resnet 60 $PY -m benchmarks.bench_train --archs $R --batches $B_MEM --modes synthetic \
+    --providers ours,reference "${R_SHAPE[@]}" "${STEPS[@]}" --name decision --append
   step ema 40 $PY -m benchmarks.bench_ema "${EMA_ARGS[@]}"
   # The CUDA tests of the kernels and the step (loss, EMA, photometric augmentation, graph vs eager), as JUnit XML.
   step cuda-tests 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops_dino_loss.py tests/test_ops_ema.py \
