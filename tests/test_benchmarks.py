@@ -231,6 +231,7 @@ def test_summary_keeps_the_newest_row_per_piece_and_device(tmp_path):
     assert [r[1] for r in step] == ["2026-11-28"]
 
 
+@pytest.mark.slow
 def test_make_bench_writes_only_into_its_untracked_folder(tmp_path, monkeypatch, capsys):
     """`make bench` (run_all's default) measures into benchmarks/results/local/, which git ignores, and prints the
     table; no tracked file (the README, the tracked results) changes. One quick benchmark stands for all six."""

@@ -22,6 +22,10 @@ EPOCHS = 6  # → 864 images per backend: 864 G1, 864 G2, 3,456 locals
 SPEC = MultiCropSpec(global_size=112, local_size=48, n_local=4)
 
 
+# every backend's crops of real photographs, and the reference's own seed-to-seed noise: ~55 s on 2 cores
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     return photo_folder(tmp_path_factory.mktemp("photos"), COPIES)

@@ -165,6 +165,7 @@ def test_decodes_each_image_once_and_crop_geometry(probes):
         assert abs(ours.mean() - np.mean(ref)) < 4 * np.std(ref) / math.sqrt(len(ours)), kind
 
 
+@pytest.mark.slow
 def test_crop_content_and_flips_match_an_independent_resize(betons, probes):
     """Crops of the whole central square from raw-stored pixels equal PIL's bicubic resize (the reference's), possibly
     mirrored; and crops from JPEG storage differ from those from raw storage by JPEG error only."""
