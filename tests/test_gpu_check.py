@@ -135,3 +135,7 @@ def test_gpu_prep_checks_the_reference_files_against_their_sums(tmp_path, capsys
         assert prep.check_reference(real, sums) == []
     assert prep.main(["--reference", str(tmp_path), "--no-carry-check"]) == 2
     assert "is missing" in capsys.readouterr().err
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "deepspeed-0.19.8-py3-none-any.whl").write_bytes(b"\0" * (prep.CARRY_LIMIT + 1))
+    assert prep.carry_bytes(tmp_path) == prep.CARRY_LIMIT + 1
+    assert any("more than the device tool carries" in p for p in prep.check_carry(tmp_path))

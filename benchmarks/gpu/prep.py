@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SUMS = Path(__file__).resolve().parent / "reference_dino.sha256"
 CARRY = [".whl", ".ffcv_carry", ".reference"]
+CARRY_LIMIT = 64 * 2**20  # what the device tool carries beside the tree, in all
 # (command, its own deadline in seconds, the device tool's timeout_s: the deadline plus start-up and copy margin)
 CALLS = [("bash benchmarks/gpu/gpu_check.sh", 480, 540), ("bash benchmarks/gpu/gpu_check.sh data", 240, 300)]
 
@@ -45,8 +46,15 @@ def check_reference(folder: Path, sums: dict[str, str]) -> list[str]:
     return problems
 
 
+def carry_bytes(repo: Path = REPO) -> int:
+    return sum(f.stat().st_size for d in CARRY for f in (repo / d).rglob("*") if f.is_file())
+
+
 def check_carry(repo: Path = REPO) -> list[str]:
     problems = []
+    if carry_bytes(repo) > CARRY_LIMIT:
+        problems.append(f"{', '.join(CARRY)} hold {carry_bytes(repo) / 2**20:.1f} MiB, more than the device tool "
+                        f"carries ({CARRY_LIMIT / 2**20:.0f} MiB): remove what is not needed")
     if not list((repo / ".whl").glob("deepspeed-*.whl")):
         problems.append(".whl/ holds no deepspeed wheel: run `make gpu-wheels`")
     if not (repo / ".ffcv_carry" / "site" / "ffcv").is_dir():
@@ -66,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-prep: {line}", file=sys.stderr)
     if problems:
         return 2
-    print("gpu-prep: ready. The device tool's calls (the first is the decision run, the second is optional):")
+    print(f"gpu-prep: ready ({carry_bytes() / 2**20:.1f} MiB to carry of {CARRY_LIMIT / 2**20:.0f}). The device "
+          "tool's calls (the first is the decision run, the second is optional):")
     for command, deadline, timeout in CALLS:
         print("  run " + json.dumps({"command": command, "carry": CARRY, "timeout_s": timeout})
               + f"   # its own deadline: {deadline} s")
