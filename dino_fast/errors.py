@@ -91,7 +91,7 @@ def _log_path(out_dir: str | Path, rank: int) -> Path:
 
 def report(exc: BaseException, code: int, out_dir: str | Path | None, rank: int, world: int) -> None:
     """Keep the failure in the run folder (exit code, message, traceback; what the other ranks read) when several
-    ranks run or the error is not the user's input, then print the one line."""
+    ranks run or the error is not the user's input; the caller prints the one line."""
     if out_dir is not None and (world > 1 or code not in (2, 130)):
         try:
             log = _log_path(out_dir, rank)

@@ -33,6 +33,27 @@ def student_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
+def cpu_training(overrides: list[str], config: str | None = None, precision: str = "fp32"):
+    """A fresh engine, teacher, loss and EMA on CPU from a recipe and overrides, as the trainer builds them:
+    ``(cfg, engine, teacher, dino_loss, ema)``. The RNG is seeded alike after the build, so drop-path draws repeat."""
+    from dino_fast.config import load_config
+    from dino_fast.engine import build_training, init_distributed
+
+    init_distributed()
+    cfg = load_config(config, overrides)
+    engine, teacher, dino_loss, ema = build_training(cfg, torch.device("cpu"), 1, precision)
+    torch.manual_seed(1)
+    return cfg, engine, teacher, dino_loss, ema
+
+
+def random_crops(cfg, seed: int) -> list[torch.Tensor]:
+    """A batch of crops of ``cfg``'s shapes (2 global, the locals), N(0, 1) from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, loc = cfg.data.batch_size_per_gpu, cfg.data.global_crop_size, cfg.data.local_crop_size
+    return ([torch.randn(b, 3, s, s, generator=g) for _ in range(2)]
+            + [torch.randn(b, 3, loc, loc, generator=g) for _ in range(cfg.data.local_crops_number)])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

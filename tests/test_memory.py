@@ -7,24 +7,16 @@ import pytest
 import torch
 
 from dino_fast.config import ConfigError, load_config
-from dino_fast.engine import build_training, init_distributed
 from dino_fast.schedules import Schedules
 from dino_fast.step import DINOStep
 from dino_fast.train import train
 
-from runs import ckpt_dir, student_state
+from runs import ckpt_dir, cpu_training, random_crops, student_state
 
 STEPS, STEPS_PER_EPOCH = 3, 2
 # drop-path (replayed in the recomputation), clipping that bites, the end of the last-layer freeze at step 3
 EXTRA = ["model.drop_path_rate=0.2", "optim.clip_grad=0.05", "optim.lr=0.05", "optim.freeze_last_layer=1",
          "deepspeed.precision=fp32"]
-
-
-def _crops(cfg, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, s, loc = cfg.data.batch_size_per_gpu, cfg.data.global_crop_size, cfg.data.local_crop_size
-    return ([torch.randn(b, 3, s, s, generator=g) for _ in range(2)]
-            + [torch.randn(b, 3, loc, loc, generator=g) for _ in range(cfg.data.local_crops_number)])
 
 
 class _SavedActivations:
@@ -40,16 +32,13 @@ class _SavedActivations:
 
 
 def _train_steps(overrides: list[str]):
-    init_distributed()
-    cfg = load_config(None, overrides)
-    engine, teacher, dino_loss, ema = build_training(cfg, torch.device("cpu"), 1, "fp32")
-    torch.manual_seed(1)
+    cfg, engine, teacher, dino_loss, ema = cpu_training(overrides)
     schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
     step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32")
     saved, losses = _SavedActivations(), []
     for it in range(STEPS):
         with saved.hooks:
-            losses.append(step(_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH)).read()["loss"])
+            losses.append(step(random_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH)).read()["loss"])
     return losses, engine.module.state_dict(), teacher.state_dict(), saved.bytes
 
 

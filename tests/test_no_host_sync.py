@@ -13,13 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino_fast.config import load_config
-from dino_fast.engine import build_training, init_distributed
+from dino_fast.engine import init_distributed
 from dino_fast.graph_step import DeviceValuesStep
 from dino_fast.schedules import Schedules
 from dino_fast.step import DINOStep
 
 from host_sync import HostSyncError, no_host_sync
+from runs import cpu_training, random_crops
 
 DEMO = "dino_fast/configs/demo.yaml"
 STEPS, STEPS_PER_EPOCH = 6, 2
@@ -34,18 +34,10 @@ RECIPES = {
 }
 
 
-def _crops(cfg, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, s, loc = cfg.data.batch_size_per_gpu, cfg.data.global_crop_size, cfg.data.local_crop_size
-    return ([torch.randn(b, 3, s, s, generator=g) for _ in range(2)]
-            + [torch.randn(b, 3, loc, loc, generator=g) for _ in range(cfg.data.local_crops_number)])
-
-
 def _run_guarded(recipe: str, precision: str, path: str, tiny_overrides: list[str]) -> list[float]:
     config, extra = RECIPES[recipe]
-    init_distributed()
-    cfg = load_config(config, tiny_overrides + EXTRA + extra + [f"deepspeed.precision={precision}"])
-    engine, teacher, dino_loss, ema = build_training(cfg, torch.device("cpu"), 1, precision)
+    cfg, engine, teacher, dino_loss, ema = cpu_training(tiny_overrides + EXTRA + extra +
+                                                        [f"deepspeed.precision={precision}"], config, precision)
     schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
     if path == "eager":
         step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision=precision)
@@ -53,7 +45,7 @@ def _run_guarded(recipe: str, precision: str, path: str, tiny_overrides: list[st
         step = DeviceValuesStep(engine, teacher, dino_loss, ema, cfg, precision=precision, schedules=schedules)
     losses, pending = [], None
     for it in range(STEPS):
-        crops = _crops(cfg, it)
+        crops = random_crops(cfg, it)
         with no_host_sync():
             metrics = step(crops, schedules.at(it, it // STEPS_PER_EPOCH))
         if pending is not None:  # one step late, outside the step: allowed
@@ -125,14 +117,12 @@ def test_under_zero_the_one_host_read_per_step_is_deepspeeds_gradient_norm_check
     """What remains host-driven under ZeRO 1/2 (docs/host-driven.md), pinned: DeepSpeed's optimizer step checks the
     gradient norm for inf/NaN with one ``bool(...)`` per step; nothing of ours reads the device. (Its
     ``.to(current_device)`` of each norm is a copy on CPU only: on a GPU the norm is on the device already.)"""
-    init_distributed()
-    cfg = load_config(None, tiny_overrides + EXTRA + [f"deepspeed.zero_stage={stage}"])
-    engine, teacher, dino_loss, ema = build_training(cfg, torch.device("cpu"), 1, "fp32")
+    cfg, engine, teacher, dino_loss, ema = cpu_training(tiny_overrides + EXTRA + [f"deepspeed.zero_stage={stage}"])
     schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
     step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32")
     found: list[str] = []
     for it in range(STEPS):
-        crops = _crops(cfg, it)
+        crops = random_crops(cfg, it)
         with no_host_sync(found):
             step(crops, schedules.at(it, it // STEPS_PER_EPOCH))
     reads = [f for f in found if "Tensor.to(cpu)" not in f or "deepspeed/runtime/zero" not in f]

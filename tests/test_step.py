@@ -18,7 +18,7 @@ from dino_fast.schedules import Schedules
 from dino_fast.step import METRIC_NAMES, DINOStep
 
 import faults
-from runs import ckpt_dir, run_main, student_state
+from runs import ckpt_dir, cpu_training, random_crops, run_main, student_state
 
 
 def reference_train_step(engine, teacher, dino_loss, ema, crops, *, epoch, lr, wd, momentum, teacher_temp,
@@ -50,22 +50,6 @@ def reference_train_step(engine, teacher, dino_loss, ema, crops, *, epoch, lr, w
     return out
 
 
-def _setup(overrides: list[str]):
-    """A fresh fp32 engine/teacher/loss/EMA on CPU from the tiny config, seeded alike every time."""
-    init_distributed()
-    cfg = load_config(None, overrides)
-    engine, teacher, dino_loss, ema = build_training(cfg, torch.device("cpu"), 1, "fp32")
-    torch.manual_seed(1)
-    return cfg, engine, teacher, dino_loss, ema
-
-
-def _crops(cfg, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, s, loc = cfg.data.batch_size_per_gpu, cfg.data.global_crop_size, cfg.data.local_crop_size
-    return ([torch.randn(b, 3, s, s, generator=g) for _ in range(2)]
-            + [torch.randn(b, 3, loc, loc, generator=g) for _ in range(cfg.data.local_crops_number)])
-
-
 # Three steps across the end of the one-epoch last-layer freeze (steps_per_epoch 2), with drop-path, clipping that
 # bites and a warm-up lr: every branch of the step runs.
 STEPS_PER_EPOCH, ITERS = 2, (0, 1, 2)
@@ -88,20 +72,20 @@ def _assert_same(a, b, what: str) -> None:
 
 def test_step_object_follows_the_old_train_step(tiny_overrides):
     overrides = tiny_overrides + EXTRA
-    cfg, engine, teacher, dino_loss, ema = _setup(overrides)
+    cfg, engine, teacher, dino_loss, ema = cpu_training(overrides)
     start = {k: v.clone() for k, v in teacher.state_dict().items()}
     schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
     ref_metrics = []
     for it in ITERS:
         v = schedules.at(it, it // STEPS_PER_EPOCH)
-        ref_metrics.append(reference_train_step(engine, teacher, dino_loss, ema, _crops(cfg, it), epoch=v.epoch,
+        ref_metrics.append(reference_train_step(engine, teacher, dino_loss, ema, random_crops(cfg, it), epoch=v.epoch,
                                                 lr=v.lr, wd=v.wd, momentum=v.momentum,
                                                 teacher_temp=v.teacher_temp, cfg=cfg))
     reference = _final_state(engine, teacher, dino_loss)
 
-    cfg, engine, teacher, dino_loss, ema = _setup(overrides)
+    cfg, engine, teacher, dino_loss, ema = cpu_training(overrides)
     step = DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32")
-    metrics = [step(_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH)) for it in ITERS]
+    metrics = [step(random_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH)) for it in ITERS]
     _assert_same(reference, _final_state(engine, teacher, dino_loss), "step object")
     for ref, got in zip(ref_metrics, metrics):
         values = got.read()
@@ -121,7 +105,7 @@ def test_device_value_schedules_give_the_weights_of_float_schedules(ema_impl, ti
     overrides = tiny_overrides + EXTRA + [f"dino.ema_impl={ema_impl}"]
     states = {}
     for device_values in (False, True):
-        cfg, engine, teacher, dino_loss, ema = _setup(overrides)
+        cfg, engine, teacher, dino_loss, ema = cpu_training(overrides)
         schedules = Schedules(cfg, STEPS_PER_EPOCH, cfg.data.batch_size_per_gpu)
         step = (DeviceValuesStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
                 if device_values else DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32"))
@@ -130,7 +114,7 @@ def test_device_value_schedules_give_the_weights_of_float_schedules(ema_impl, ti
                 saved = engine.optimizer.state_dict()
                 saved["param_groups"][0].update(lr=0.5, weight_decay=0.3)
                 engine.optimizer.load_state_dict(saved)
-            step(_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH))
+            step(random_crops(cfg, it), schedules.at(it, it // STEPS_PER_EPOCH))
         states[device_values] = _final_state(engine, teacher, dino_loss)
         if device_values:
             assert isinstance(engine.optimizer.param_groups[0]["lr"], torch.Tensor)
@@ -139,7 +123,7 @@ def test_device_value_schedules_give_the_weights_of_float_schedules(ema_impl, ti
 
 
 def test_device_values_are_refused_under_zero(tiny_overrides):
-    cfg, engine, teacher, dino_loss, ema = _setup(tiny_overrides + ["deepspeed.zero_stage=1"])
+    cfg, engine, teacher, dino_loss, ema = cpu_training(tiny_overrides + ["deepspeed.zero_stage=1"])
     schedules = Schedules(cfg, 2, 8)
     with pytest.raises(ValueError, match="zero_stage=0"):
         DeviceValuesStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
@@ -217,7 +201,7 @@ def test_cuda_graph_step_follows_the_eager_step(tiny_overrides):
         schedules = Schedules(cfg, 3, cfg.data.batch_size_per_gpu)
         step = (CudaGraphStep(engine, teacher, dino_loss, ema, cfg, precision="fp32", schedules=schedules)
                 if graphed else DINOStep(engine, teacher, dino_loss, ema, cfg, precision="fp32"))
-        metrics = [step([c.to(device) for c in _crops(cfg, it)], schedules.at(it, it // 3)) for it in range(5)]
+        metrics = [step([c.to(device) for c in random_crops(cfg, it)], schedules.at(it, it // 3)) for it in range(5)]
         states[graphed] = (_final_state(engine, teacher, dino_loss), [m.read()["loss"] for m in metrics])
         if graphed:
             assert step.captures == 2  # epoch 0 (frozen last layer, τt warm-up), then epoch 1
