@@ -72,20 +72,20 @@ class DeviceValuesStep(DINOStep):
 
     Args:
         schedules: the run's :class:`Schedules`; its tables go to the device once.
-        capturable: mark AdamW's groups ``capturable`` (its step counters then live on the device and are read there),
-            as a capture needs.
+
+    AdamW's groups are marked ``capturable``: its step counters then live on the device and are read there, as a
+    capture needs.
     """
 
     def __init__(self, engine, teacher: torch.nn.Module, dino_loss, ema, cfg, *, precision: str,
-                 schedules: Schedules, capturable: bool = True):
+                 schedules: Schedules):
         super().__init__(engine, teacher, dino_loss, ema, cfg, precision=precision)
         if cfg.deepspeed.zero_stage != 0 or not isinstance(engine.optimizer, torch.optim.Optimizer):
             raise ValueError("device-tensor schedule values need deepspeed.zero_stage=0 (the optimizer must update "
                              "the module's own parameters)")
         check_graphable_step(teacher, engine.optimizer)
-        if capturable:
-            for group in engine.optimizer.param_groups:
-                group["capturable"] = True
+        for group in engine.optimizer.param_groups:
+            group["capturable"] = True
         self._optimizer_table = schedules.optimizer_table(self.device)
         self._ema_table = schedules.ema_table(self.device)
         self._now = self._optimizer_table[0].clone()  # lr, wd of the current iteration (static for a CUDA graph)
